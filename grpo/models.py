@@ -106,6 +106,22 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto"):
     return model.to(dev).eval()
 
 
+def build_random_model(values: dict, vocab_size: int, seed: int = 0, dtype: str = "auto", device: str = "auto",
+                       special_ids: dict | None = None):
+    """A randomly initialised causal LM from transformers config values (e.g. a tiny Qwen2 for tests and
+    smoke runs, or the real shapes of a 7B model for speed figures). No download."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(values)
+    model_type = values.pop("model_type", "qwen2")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **(special_ids or {}), **values)
+    dev = pick_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
+    return model.to(dev).eval()
+
+
 if __name__ == "__main__":
     import argparse
 

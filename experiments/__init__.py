@@ -1,0 +1,1 @@
+"""experiments: runnable entry points (training runs, baselines) built on grpo, recdata and prompts."""

@@ -1,0 +1,159 @@
+"""The recommendation task: prepared examples (recdata) + templates, parser and rewards (prompts), behind
+the engine's small Task interface (grpo.task)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prompts import REWARDS, parse_completion, render_prompt
+
+
+@dataclass
+class TaskConfig:
+    data_dir: str = "data/amazon-music"
+    """A folder made by `python -m recdata.prepare`: train.jsonl, val.jsonl, test.jsonl."""
+    template: str = "tbr"
+    """tbr (the paper's four tagged steps), answer_only (<rate> alone), single_think (<think> then <rate>)."""
+    reward: str = "paper"
+    """A name in prompts.rewards.REWARDS: paper, authors_code, exact_match, format_only, answer_only, partial_format."""
+    one_shot: bool = False
+    """Show a worked example of the output format in the prompt (small models need it)."""
+    prefill: str = ""
+    """Text put at the start of the assistant turn (e.g. '<analyze user>'); it counts as part of the answer."""
+    raw_chatml: bool = False
+    """Render the authors' hand-built ChatML string instead of the tokenizer's chat template."""
+    max_prompt_tokens: int = 1536
+    """Token budget of a prompt: histories and long texts are shortened, oldest first, to fit (0 = none)."""
+    max_train_examples: int = 0
+    """Use at most this many training examples (the first ones of train.jsonl; 0 = all)."""
+    fallback: str = "user_avg"
+    """What a failed answer is scored as in MAE/RMSE: user_avg, item_avg or global_mean (never the label)."""
+
+
+FALLBACKS = ("user_avg", "item_avg", "global_mean")
+
+
+def read_examples(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rating_metrics(labels, predictions, failed, scale=(1.0, 5.0)) -> dict[str, float]:
+    """MAE / RMSE of the predictions (failures already replaced by the fallback), with the format-failure
+    rate, the prediction histogram and the Pearson correlation, so a collapse to one rating is visible."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(predictions, dtype=np.float64)
+    failed = np.asarray(failed, dtype=bool)
+    out = {"n": int(len(y)), "mae": float(np.mean(np.abs(y - p))) if len(y) else float("nan"),
+           "rmse": float(np.sqrt(np.mean((y - p) ** 2))) if len(y) else float("nan"),
+           "format_fail": float(failed.mean()) if len(y) else float("nan")}
+    ok = ~failed
+    out["mae_parsed_only"] = float(np.mean(np.abs(y[ok] - p[ok]))) if ok.any() else float("nan")
+    out["integer_share"] = float(np.mean(p[ok] == np.round(p[ok]))) if ok.any() else float("nan")
+    out["corr"] = float(np.corrcoef(y, p)[0, 1]) if len(y) > 1 and y.std() > 0 and p.std() > 0 else float("nan")
+    lo, hi = int(scale[0]), int(scale[1])
+    rounded = np.clip(np.round(p[ok]), lo, hi).astype(int)
+    for r in range(lo, hi + 1):
+        out[f"pred_hist/{r}"] = int((rounded == r).sum())
+    return out
+
+
+class RecTask:
+    """Implements grpo.task.Task for rating prediction."""
+
+    curve_keys = ["reward/format_ok", "reward/abs_error", "eval/mae", "eval/format_fail"]
+
+    def __init__(self, cfg: TaskConfig, tokenizer):
+        if cfg.reward not in REWARDS:
+            raise ValueError(f"unknown reward {cfg.reward!r}; choose one of {sorted(REWARDS)}")
+        if cfg.fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {cfg.fallback!r}; choose one of {FALLBACKS}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.data_dir = Path(cfg.data_dir)
+        self.reward_fn = REWARDS[cfg.reward]
+        self._cache: dict[str, list[dict]] = {}
+        self._global_mean: float | None = None
+
+    # -- data --------------------------------------------------------------------------------------------
+    def examples(self, split: str) -> list[dict]:
+        path = self.data_dir / f"{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: prepare the data first, e.g. "
+                                    f"`python -m recdata.prepare --dataset amazon-music --out {self.data_dir}`")
+        examples = read_examples(path)
+        if split == "train" and self.cfg.max_train_examples > 0:
+            examples = examples[: self.cfg.max_train_examples]
+        return examples
+
+    def prompt(self, example: dict) -> str:
+        text = render_prompt(example, self.tokenizer, template=self.cfg.template, one_shot=self.cfg.one_shot,
+                             max_prompt_tokens=self.cfg.max_prompt_tokens or None, raw_chatml=self.cfg.raw_chatml)
+        return text + self.cfg.prefill
+
+    def items(self, split: str) -> list[dict]:
+        if split not in self._cache:
+            self._cache[split] = [self.item(ex) for ex in self.examples(split)]
+        return self._cache[split]
+
+    def item(self, example: dict) -> dict:
+        eid = example.get("example_id") or f"{example['user_id']}|{example['item_id']}|{example['timestamp']}"
+        return {"id": eid, "prompt": self.prompt(example), "example": example}
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def answer(self, completion: str) -> str:
+        """The model's whole answer: the prefilled text is part of it."""
+        return self.cfg.prefill + completion
+
+    def scale(self, example: dict) -> tuple[float, float]:
+        lo, hi = example.get("rating_scale", (1.0, 5.0))
+        return float(lo), float(hi)
+
+    def parse(self, example: dict, completion: str):
+        lo, hi = self.scale(example)
+        return parse_completion(self.answer(completion), template=self.cfg.template, rating_min=lo, rating_max=hi)
+
+    def reward(self, item: dict, completion: str) -> tuple[float, dict[str, float]]:
+        total, parts = self.reward_fn(self.answer(completion), item["example"], template=self.cfg.template)
+        return float(total), {k: float(v) for k, v in parts.items()}
+
+    def fallback_rating(self, example: dict) -> float:
+        if self.cfg.fallback == "user_avg":
+            return float(example["user_avg_rating"])
+        if self.cfg.fallback == "item_avg":
+            return float(example["item_avg_rating"])
+        if self._global_mean is None:
+            self._global_mean = float(np.mean([ex["rating"] for ex in self.examples("train")]))
+        return self._global_mean
+
+    def predictions(self, items: list[dict], completions: list[str]) -> list[dict]:
+        """Per item: the parsed rating (or None), the prediction used for scoring, and the label."""
+        rows = []
+        for item, completion in zip(items, completions):
+            ex = item["example"]
+            parsed = self.parse(ex, completion)
+            # Only a strictly well-formed answer counts; a failure is scored with the fallback, never as right.
+            ok = parsed.format_ok and parsed.rating is not None
+            rows.append({"rating": parsed.rating if ok else None, "format_ok": bool(parsed.format_ok),
+                         "error": parsed.error, "prediction": parsed.rating if ok else self.fallback_rating(ex),
+                         "label": float(ex["rating"])})
+        return rows
+
+    def evaluate(self, items: list[dict], completions: list[str]) -> dict[str, float]:
+        rows = self.predictions(items, completions)
+        scale = self.scale(items[0]["example"]) if items else (1.0, 5.0)
+        return rating_metrics([r["label"] for r in rows], [r["prediction"] for r in rows],
+                              [r["rating"] is None for r in rows], scale)
+
+    def describe(self, item: dict, completion: str) -> dict:
+        parsed = self.parse(item["example"], completion)
+        return {"label": float(item["example"]["rating"]), "parsed_rating": parsed.rating,
+                "format_ok": parsed.format_ok, "parse_error": parsed.error}
+
+
+def finite_or_none(x: float):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -1,0 +1,41 @@
+"""Train a recommender with GRPO: `python -m experiments.train --config experiments/configs/reczero.yaml [key=value ...]`.
+
+Overrides use dotted keys: `grpo.steps=10 sampling.temperature=0.7 task.reward=authors_code run.name=try1`.
+`--help-config` lists every key with its default and meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments.config import ExperimentConfig, load_experiment
+from experiments.task import RecTask
+from grpo.config import ConfigError, describe
+from grpo.models import load_tokenizer
+from grpo.train import train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML file in experiments/configs/")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=10")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        for key, default, doc in describe(ExperimentConfig):
+            print(f"{key:32s} {default:24s} {doc}")
+        return 0
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    task = RecTask(cfg.task, tokenizer)
+    run_dir = train(cfg.model, cfg.sampling, cfg.grpo, cfg.run, task, full_config=cfg)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

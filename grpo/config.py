@@ -1,0 +1,263 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by `key=value` on the command line.
+
+One source of truth for every setting (STYLE.md, point 3). A config is a tree of dataclasses; YAML gives
+nested mappings, the command line gives dotted keys (`grpo.lr=1e-5`, `sampling.temperature=0.7`).
+Unknown keys and values of the wrong type are errors that name the valid keys, so a typo never silently
+falls back to a default. The resolved config is saved next to every run (`save_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine's settings. Task-specific settings (data, templates, rewards) live with the task.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name_or_path: str = "default"
+    """A local Hugging Face folder, a hub id, or `default` (the converted SmolLM2-135M-Instruct)."""
+    tokenizer: str = ""
+    """Where the tokenizer comes from; empty = same as name_or_path."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16: the compute dtype."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1 ..."""
+    random_init: dict[str, Any] = field(default_factory=dict)
+    """If non-empty: build a randomly initialised model from these transformers config values instead of
+    loading weights (e.g. {model_type: qwen2, hidden_size: 64, ...}); the vocab comes from the tokenizer."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower). Never used while sampling."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same one (GRPO_NOTES trap 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling. Below 1 the importance ratio is biased (trap 1): keep 1 for training."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 = the full vocabulary."""
+    max_new_tokens: int = 256
+    """Completion length limit; a completion that reaches it is 'truncated'."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Stop a completion once its text ends with one of these (e.g. '</rate>'), besides EOS."""
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 100
+    """Optimizer steps (each: B prompts x G completions, then mu passes over them)."""
+    batch_prompts: int = 8
+    """B: prompts per step."""
+    group_size: int = 8
+    """G: completions per prompt; advantages are normalised within each group."""
+    mu: int = 1
+    """Policy updates per rollout batch. 1 = on-policy (old log-probs are the detached current ones)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; gradients accumulate over micro-batches with one global denominator."""
+    lr: float = 1e-6
+    """AdamW learning rate after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many steps, then constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    beta: float = 0.0
+    """KL coefficient (k3 estimator) to a frozen reference. 0 = no reference model is loaded at all."""
+    clip_eps_low: float = 0.2
+    """PPO clip: ratio lower bound 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """PPO clip: ratio upper bound 1 + clip_eps_high (DAPO's clip-higher uses 0.28)."""
+    loss_agg: str = "token_mean"
+    """token_mean (over the whole step; DAPO), seq_mean_token_mean (DeepSeekMath), dr_grpo (constant)."""
+    scale_rewards_by_std: bool = True
+    """Divide advantages by the group std (DeepSeekMath, the paper); False = Dr. GRPO."""
+    mask_truncated: bool = False
+    """Give truncated completions no loss (DAPO's overlong masking): a cut answer is no evidence."""
+    kl_clamp: float = 10.0
+    """Clamp log-ratios to +-this before exp in the KL estimator."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk when computing log-probs from hidden states (bounds the logits' memory)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the default output folder is runs/<name>."""
+    output_dir: str = ""
+    """Where the run's files go; empty = runs/<name>."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    eval_every: int = 0
+    """Evaluate on the validation prompts every this many steps (0 = only at the end)."""
+    eval_examples: int = 32
+    """How many validation prompts each evaluation decodes greedily."""
+    eval_batch_size: int = 16
+    """Prompts per greedy decoding batch during evaluation."""
+    eval_at_start: bool = True
+    """Evaluate once before the first update (the untrained baseline of the curve)."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted; the final one is always kept)."""
+    samples_every: int = 1
+    """Write sample completions to samples.jsonl every this many steps."""
+    samples_per_step: int = 4
+    """How many completions each sample dump holds."""
+    resume: str = ""
+    """A checkpoint folder to resume from, or `latest` (the newest in this run's folder)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    plot: bool = True
+    """Redraw curves.png as training goes (matplotlib)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading, overriding, checking, saving
+# ----------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    pass
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert: int -> float, '1e-5' -> float) a value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+        for option in typing.get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, values: dict, where: str = ""):
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys{' in ' + where if where else ''}: {', '.join(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""  # YAML typing: 1e-5 -> float, true -> bool, [a] -> list
+    return key.strip().split("."), value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML file (optional) and `key=value` overrides (dotted for nested sections)."""
+    values: dict = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(cls, values)
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every setting, for `--help-config`."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:  # field docstrings are the string literal right after each annotated assignment
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)
+    except (OSError, TypeError):
+        pass
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,195 @@
+"""The rollout sampler: batched autoregressive sampling with a KV cache, written out step by step.
+
+Shapes: B prompts, G completions per prompt, N = B*G rows, P (left-padded) prompt length,
+T completion length (<= max_new_tokens), V vocabulary.
+
+Why not `model.generate`: we need, per completion, exactly what the GRPO loss needs (the mask that keeps
+the EOS token, whether it was truncated, the log-probs of the distribution that sampled), and we want each
+prompt's prefill computed once and shared by its G completions (`generate` repeats the prompt G times and
+prefills every copy). The model's forward pass is Hugging Face's; the loop around it is ours.
+
+Three details that silently break GRPO when wrong (GRPO_NOTES.md):
+- Left padding needs explicit position ids (cumsum of the attention mask - 1), or every padded prompt's
+  positions shift by its pad count (trap 2).
+- The log-prob of a sampled token is taken from the *temperature-scaled full* distribution, the same one
+  the trainer recomputes; top-k / top-p only choose which tokens may be drawn (trap 1).
+- A row stops at its first EOS (any id of the generation config) or stop string; the mask keeps that
+  token and nothing after it; pad == eos is fine because no mask is ever derived from the pad id (trap 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) long, left-padded; row n is prompt n // G
+    prompt_mask: torch.Tensor  # (N, P) long, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, T) long, pad after the end
+    completion_mask: torch.Tensor  # (N, T) float, 1 up to and including the stopping token
+    truncated: torch.Tensor  # (N,) bool, True if the row hit max_new_tokens without stopping
+    logp: torch.Tensor  # (N, T) float32, sampler log-probs of the sampled tokens (0 where masked)
+    group_size: int
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:  # (N,)
+        return self.completion_mask.sum(-1)
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ragged token lists: (ids (B, P), mask (B, P))."""
+    if not token_lists or any(len(t) == 0 for t in token_lists):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)  # (B, P)
+    for row, tokens in enumerate(token_lists):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch: 0 at each row's first real token (trap 2)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. (N, V) -> (N, V); a new tensor."""
+    out = logits
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)  # (N, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (N, V)
+        # drop a token when the mass *before* it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # (N, V)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (N, V) back in vocab order
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+class StopStrings:
+    """Detects stop strings in the tail of each row's decoded text (checked every step, so the first
+    occurrence is caught when it appears)."""
+
+    def __init__(self, tokenizer, stop_strings: list[str]):
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.tail_tokens = max(len(s) for s in self.stop_strings) + 1  # a token is >= 1 character
+
+    def __call__(self, completion_ids: torch.Tensor, active_rows: list[int], step: int) -> list[int]:
+        start = max(0, step + 1 - self.tail_tokens)
+        hits = []
+        for row in active_rows:
+            tail = self.tokenizer.decode(completion_ids[row, start:step + 1].tolist())
+            if any(s in tail for s in self.stop_strings):
+                hits.append(row)
+        return hits
+
+
+def _cache_keyword(model) -> str:
+    """transformers >= 5.2x calls the KV-cache argument `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    group_size: int = 1,
+    max_new_tokens: int = 256,
+    eos_ids: list[int] | set[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    stop: StopStrings | None = None,
+    sync_every: int = 1,
+) -> Rollout:
+    """Sample `group_size` completions for each prompt (token id lists). The model stays in eval mode."""
+    if temperature <= 0 and not greedy:
+        raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
+    device = next(model.parameters()).device
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)  # (E,)
+    G = group_size
+
+    # ---- prefill: each distinct prompt once ---------------------------------------------------------
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
+    B, P = prompt_ids.shape
+    N = B * G
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_keyword(model)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    next_logits = out.logits[:, -1, :]  # (B, V)
+    if G > 1:  # share each prompt's cache with its G completions instead of prefilling G copies
+        cache.batch_repeat_interleave(G)
+        next_logits = next_logits.repeat_interleave(G, dim=0)  # (N, V)
+        prompt_ids = prompt_ids.repeat_interleave(G, dim=0)  # (N, P)
+        prompt_mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P)
+
+    # ---- decode: one token per row per step, into preallocated buffers ----------------------------------
+    attn = torch.ones((N, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # (N, P + max_new)
+    attn[:, :P] = prompt_mask
+    position = prompt_mask.sum(-1)  # (N,) next position of each row
+    completion_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, T)
+    logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+    length = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)  # (N,) tokens kept per row
+    steps_done = 0
+    for t in range(max_new_tokens):
+        logits = next_logits.float()  # (N, V)
+        if greedy:
+            token = logits.argmax(-1)  # (N,)
+            token_logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)  # (N,)
+        else:
+            logits = logits / temperature
+            logprobs = torch.log_softmax(logits, -1)  # (N, V) the distribution the trainer scores
+            allowed = filter_logits(logits, top_k, top_p)  # (N, V) which tokens may be drawn
+            token = torch.multinomial(F.softmax(allowed, -1), 1, generator=generator).squeeze(-1)  # (N,)
+            token_logp = logprobs.gather(-1, token[:, None]).squeeze(-1)  # (N,)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)  # finished rows emit pad
+        completion_ids[:, t] = token
+        logp[:, t] = torch.where(finished, torch.zeros_like(token_logp), token_logp)
+        steps_done = t + 1
+
+        newly_done = ~finished & torch.isin(token, eos)  # (N,) stopped by an EOS token (kept in the mask)
+        if stop is not None:
+            active = (~finished & ~newly_done).nonzero().flatten().tolist()
+            hits = stop(completion_ids, active, t)
+            if hits:
+                newly_done[hits] = True
+        length = torch.where(newly_done, torch.full_like(length, t + 1), length)
+        finished = finished | newly_done
+        if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
+            break
+
+        out = model(input_ids=token[:, None], attention_mask=attn[:, :P + t + 1], position_ids=position[:, None],
+                    use_cache=True, **{cache_kw: cache})  # the cache object is updated in place
+        next_logits = out.logits[:, -1, :]  # (N, V)
+        position = position + 1
+    del cache, out  # free the KV cache before anyone trains on this batch
+
+    T = steps_done
+    completion_ids = completion_ids[:, :T]  # (N, T)
+    completion_mask = (torch.arange(T, device=device)[None, :] < length[:, None]).float()  # (N, T)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        truncated=~finished,
+        logp=logp[:, :T] * completion_mask,
+        group_size=G,
+    )

@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("RECZERO_DATA_DIR", REPO.parent / "shared" / "data"))
+TINY_QWEN2 = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.exists():
+        pytest.skip(f"shared data not found at {DATA_DIR} (set RECZERO_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from grpo.models import default_model_dir, load_tokenizer
+
+    if not (default_model_dir() / "config.json").exists():
+        pytest.skip("default model not converted (run `make model`)")
+    return load_tokenizer("default")
+
+
+def tiny_model(vocab_size: int = 128, seed: int = 0, **overrides):
+    from grpo.models import build_random_model
+
+    return build_random_model({**TINY_QWEN2, **overrides}, vocab_size=vocab_size, seed=seed, device="cpu",
+                              dtype="float32")

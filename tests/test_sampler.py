@@ -1,0 +1,139 @@
+"""The sampler against Hugging Face: greedy tokens equal `generate`'s, log-probs equal a full forward."""
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from grpo.sampler import StopStrings, filter_logits, left_pad, sample
+
+PAD = 0
+EOS = 1
+
+
+def ragged_prompts(vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [7, 3, 12, 5]
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_matches_hf_generate_with_ragged_left_padding():
+    model = tiny_model()
+    prompts = ragged_prompts()
+    ours = sample(model, prompts, group_size=1, max_new_tokens=20, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    ids, mask = left_pad(prompts, PAD)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                        eos_token_id=EOS, pad_token_id=PAD, min_new_tokens=20)
+    hf_new = hf[:, ids.shape[1]:]
+    # A random model rarely emits EOS; where it does, compare up to and including it.
+    for row in range(len(prompts)):
+        n = int(ours.completion_mask[row].sum())
+        assert ours.completion_ids[row, :n].tolist() == hf_new[row, :n].tolist()
+    assert ours.completion_ids.shape[1] == 20
+
+
+def test_group_shares_prefill_and_greedy_rows_agree():
+    model = tiny_model()
+    prompts = ragged_prompts()
+    single = sample(model, prompts, group_size=1, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    grouped = sample(model, prompts, group_size=3, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    assert grouped.completion_ids.shape[0] == 12
+    for b in range(4):
+        for g in range(3):
+            assert torch.equal(grouped.completion_ids[b * 3 + g], single.completion_ids[b])
+        assert torch.equal(grouped.prompt_ids[b * 3], single.prompt_ids[b])
+
+
+def test_sampler_logprobs_match_a_full_forward_at_temperature():
+    model = tiny_model()
+    prompts = ragged_prompts()
+    temperature = 0.7
+    gen = torch.Generator().manual_seed(3)
+    r = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
+               temperature=temperature, generator=gen)
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    pred = logits[:, P - 1:P + T - 1] / temperature
+    ref = -F.cross_entropy(pred.reshape(-1, pred.shape[-1]), r.completion_ids.reshape(-1),
+                           reduction="none").view_as(r.logp)
+    m = r.completion_mask.bool()
+    assert torch.allclose(r.logp[m], ref[m], atol=1e-4)
+
+
+def test_eos_is_kept_in_mask_and_rows_stop_independently_with_pad_equal_eos():
+    # pad == eos (as in SmolLM2), two EOS ids; the mask must come from the first stop, not from pad ids.
+    model = tiny_model()
+    prompts = ragged_prompts()
+    r = sample(model, prompts, group_size=1, max_new_tokens=15, eos_ids=[5, 7], pad_id=5, greedy=True)
+    for row in range(r.completion_ids.shape[0]):
+        toks = r.completion_ids[row].tolist()
+        stops = [i for i, t in enumerate(toks) if t in (5, 7)]
+        n = int(r.completion_mask[row].sum())
+        if stops:
+            assert n == stops[0] + 1  # the EOS itself is kept, nothing after it
+            assert not r.truncated[row]
+        else:
+            assert n == len(toks) and r.truncated[row]
+    assert (r.logp * (1 - r.completion_mask)).abs().sum() == 0
+
+
+def test_stop_on_eos_with_forced_model():
+    model = tiny_model()
+    # an LM head whose only opinion is "EOS" (id 1): every row stops at its first token
+    head = torch.nn.Linear(32, 128, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[EOS] = 50.0
+    model.lm_head = head
+    r = sample(model, ragged_prompts(), group_size=2, max_new_tokens=10, eos_ids=[EOS], pad_id=EOS,
+               temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert r.completion_ids.shape == (8, 1)
+    assert r.completion_mask.sum() == 8 and not r.truncated.any()
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    p = logits.softmax(-1)[0]  # [0.644, 0.237, 0.087, 0.032]
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.644 < 0.7, so the second token is needed
+    assert float(p[0]) < 0.7
+    assert (~torch.isinf(filter_logits(logits, top_p=0.5))).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_is_seeded():
+    model = tiny_model()
+    a = sample(model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
+               generator=torch.Generator().manual_seed(11))
+    b = sample(model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
+               generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+class _CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_them():
+    stop = StopStrings(_CharTokenizer(), ["cd"])
+    ids = torch.tensor([[0, 1, 2, 3, 4], [3, 2, 3, 3, 3]])  # row 0 spells "abcde", row 1 "dcddd"
+    assert stop(ids, [0, 1], 1) == []  # "ab", "dc"
+    assert stop(ids, [0, 1], 2) == [1]  # "abc", "dcd": row 1 has just completed "cd"
+    assert stop(ids, [0], 3) == [0]  # "abcd"
+
+
+def test_sampler_stops_rows_on_a_stop_string():
+    model = tiny_model(vocab_size=26)
+    prompts = [[2, 3, 4], [5, 6]]
+    free = sample(model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True)
+    text = _CharTokenizer().decode(free.completion_ids[0].tolist())
+    target = text[3:5]  # a two-character string that the greedy completion of row 0 contains
+    stopped = sample(model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True,
+                     stop=StopStrings(_CharTokenizer(), [target]))
+    n = int(stopped.completion_mask[0].sum())
+    kept = _CharTokenizer().decode(stopped.completion_ids[0, :n].tolist())
+    assert kept.endswith(target) and target not in kept[:-1]
+    assert not stopped.truncated[0]
