@@ -1,0 +1,1 @@
+"""recdata: review dumps -> leakage-free rating-prediction examples (pure Python + numpy)."""
