@@ -20,8 +20,9 @@ class TaskConfig:
     """tbr (the paper's four tagged steps), answer_only (<rate> alone), single_think (<think> then <rate>)."""
     reward: str = "paper"
     """A name in prompts.rewards.REWARDS: paper, authors_code, exact_match, format_only, answer_only, partial_format."""
-    one_shot: bool = False
-    """Show a worked example of the output format in the prompt (small models need it)."""
+    one_shot: str = "none"
+    """A worked example of the output format: none, inline (inside the instruction) or turn (as an earlier
+    user/assistant exchange; what small models follow best)."""
     prefill: str = ""
     """Text put at the start of the assistant turn (e.g. '<analyze user>'); it counts as part of the answer."""
     raw_chatml: bool = False
@@ -70,6 +71,8 @@ class RecTask:
     def __init__(self, cfg: TaskConfig, tokenizer):
         if cfg.reward not in REWARDS:
             raise ValueError(f"unknown reward {cfg.reward!r}; choose one of {sorted(REWARDS)}")
+        if cfg.one_shot not in ("none", "inline", "turn"):
+            raise ValueError(f"task.one_shot must be none, inline or turn, got {cfg.one_shot!r}")
         if cfg.fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {cfg.fallback!r}; choose one of {FALLBACKS}")
         self.cfg = cfg
@@ -91,7 +94,8 @@ class RecTask:
         return examples
 
     def prompt(self, example: dict) -> str:
-        text = render_prompt(example, self.tokenizer, template=self.cfg.template, one_shot=self.cfg.one_shot,
+        one_shot = {"none": False, "inline": True, "turn": "turn"}[self.cfg.one_shot]
+        text = render_prompt(example, self.tokenizer, template=self.cfg.template, one_shot=one_shot,
                              max_prompt_tokens=self.cfg.max_prompt_tokens or None, raw_chatml=self.cfg.raw_chatml)
         return text + self.cfg.prefill
 

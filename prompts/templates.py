@@ -330,15 +330,42 @@ def _longest_free_text(example: Mapping[str, Any], view: _View) -> int:
 # Messages and rendering
 # ----------------------------------------------------------------------------------------------------------------
 
-def _messages(example: Mapping[str, Any], tmpl: PromptTemplate, one_shot: bool, system_prompt: str | None,
+# The invented example that `one_shot="turn"` shows as a finished earlier exchange (short, so it costs little).
+_SHOT_EXAMPLE: dict[str, Any] = {
+    "user_history": [
+        {"title": "Example Album A", "rating": 4, "categories": ["Music", "Rock"],
+         "summary": "Solid songs", "text": "Well played and well recorded, a little long."},
+        {"title": "Example Album B", "rating": 5, "categories": ["Music", "Rock"],
+         "summary": "Loved it", "text": "Great guitar work and catchy choruses."},
+    ],
+    "user_avg_rating": 4.5,
+    "item": {"title": "Example Product", "categories": ["Music", "Rock"],
+             "description": "A rock album with long guitar solos."},
+    "item_history": [{"rating": 4, "summary": "Good", "text": "Strong guitars, a bit heavy."}],
+    "item_avg_rating": 4.0,
+}
+
+
+def _messages(example: Mapping[str, Any], tmpl: PromptTemplate, one_shot: bool | str, system_prompt: str | None,
               view: _View) -> list[dict[str, str]]:
     lo, hi = rating_scale(example)
-    parts = [tmpl.instruction.format(lo=_number(lo), hi=_number(hi))]
+    instruction = tmpl.instruction.format(lo=_number(lo), hi=_number(hi))
+    system = {"role": "system", "content": tmpl.system_prompt if system_prompt is None else system_prompt}
+    if one_shot == "turn":
+        # The demonstration as a finished earlier exchange: small chat models copy the format of their own
+        # previous turn far more reliably than a format shown inside the instruction (measured: README).
+        shot_inputs = _format_inputs(_SHOT_EXAMPLE, _full_view(_SHOT_EXAMPLE))
+        return [system,
+                {"role": "user", "content": "\n\n".join([instruction, shot_inputs, tmpl.closing])},
+                {"role": "assistant", "content": tmpl.one_shot_answer},
+                {"role": "user", "content": "\n\n".join([_format_inputs(example, view), tmpl.closing])}]
+    if one_shot not in (True, False):
+        raise ValueError(f"one_shot must be True, False or 'turn', got {one_shot!r}")
+    parts = [instruction]
     if one_shot:
         parts.append(f"{_ONE_SHOT_HEADER}\n{tmpl.one_shot_answer}\n{_ONE_SHOT_FOOTER}")
     parts += [_format_inputs(example, view), tmpl.closing]
-    return [{"role": "system", "content": tmpl.system_prompt if system_prompt is None else system_prompt},
-            {"role": "user", "content": "\n\n".join(parts)}]
+    return [system, {"role": "user", "content": "\n\n".join(parts)}]
 
 
 def _full_view(example: Mapping[str, Any]) -> _View:
@@ -376,7 +403,7 @@ class RenderedPrompt:
 
 
 def render_prompt_info(example: Mapping[str, Any], tokenizer: Any = None, template: str | PromptTemplate = "tbr",
-                       one_shot: bool = False, max_prompt_tokens: int | None = None, raw_chatml: bool = False,
+                       one_shot: bool | str = False, max_prompt_tokens: int | None = None, raw_chatml: bool = False,
                        system_prompt: str | None = None) -> RenderedPrompt:
     """`render_prompt`, also saying how the token budget shortened the prompt (see the module docstring)."""
     tmpl = get_template(template)
@@ -444,7 +471,7 @@ def render_prompt_info(example: Mapping[str, Any], tokenizer: Any = None, templa
 
 
 def render_prompt(example: Mapping[str, Any], tokenizer: Any = None, template: str | PromptTemplate = "tbr",
-                  one_shot: bool = False, max_prompt_tokens: int | None = None, raw_chatml: bool = False,
+                  one_shot: bool | str = False, max_prompt_tokens: int | None = None, raw_chatml: bool = False,
                   system_prompt: str | None = None) -> str:
     """The prompt text for `example`, ending with the assistant generation prompt.
 

@@ -9,9 +9,9 @@ from grpo.config import ConfigError, describe, load_config, save_config
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("grpo:\n  steps: 7\n  lr: 1e-5\nsampling:\n  stop_strings: ['</rate>']\n")
-    cfg = load_experiment(path, ["grpo.lr=3e-6", "run.name=abc", "task.one_shot=true", "grpo.adam_betas=[0.9, 0.95]"])
+    cfg = load_experiment(path, ["grpo.lr=3e-6", "run.name=abc", "task.one_shot=turn", "grpo.adam_betas=[0.9, 0.95]"])
     assert cfg.grpo.steps == 7 and cfg.grpo.lr == 3e-6 and isinstance(cfg.grpo.lr, float)
-    assert cfg.run.name == "abc" and cfg.task.one_shot is True
+    assert cfg.run.name == "abc" and cfg.task.one_shot == "turn"
     assert cfg.sampling.stop_strings == ["</rate>"] and cfg.grpo.adam_betas == [0.9, 0.95]
 
 
