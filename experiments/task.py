@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,28 @@ def rating_metrics(labels, predictions, failed, scale=(1.0, 5.0)) -> dict[str, f
     return out
 
 
+class LazyItems(Sequence):
+    """A read-only list of items built on first access: rendering thousands of prompts up front (each
+    fitted to the token budget by a few tokenizer calls) would delay the first step by minutes."""
+
+    def __init__(self, examples: list[dict], make_item):
+        self._examples = examples
+        self._make_item = make_item
+        self._built: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if index not in self._built:
+            self._built[index] = self._make_item(self._examples[index])
+        return self._built[index]
+
+
 class RecTask:
     """Implements grpo.task.Task for rating prediction."""
 
@@ -99,9 +122,10 @@ class RecTask:
                              max_prompt_tokens=self.cfg.max_prompt_tokens or None, raw_chatml=self.cfg.raw_chatml)
         return text + self.cfg.prefill
 
-    def items(self, split: str) -> list[dict]:
+    def items(self, split: str) -> "LazyItems":
+        """The split's items; each prompt is rendered (token budget and all) the first time it is used."""
         if split not in self._cache:
-            self._cache[split] = [self.item(ex) for ex in self.examples(split)]
+            self._cache[split] = LazyItems(self.examples(split), self.item)
         return self._cache[split]
 
     def item(self, example: dict) -> dict:

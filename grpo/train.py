@@ -185,6 +185,41 @@ def _nanmean(values) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
+# One optimizer step's worth of gradients
+# ----------------------------------------------------------------------------------------------------
+def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advantages: torch.Tensor,
+                                mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                                cfg: GRPOConfig, max_completion_len: int) -> dict[str, float]:
+    """Backward the GRPO loss of a whole rollout, one micro-batch at a time.
+
+    `logprobs_of(rows)` gives the current policy's (n, T) log-probs of those rows (with gradient). Every
+    micro-batch's loss is normalised by the *whole* step's token / sequence count, so the accumulated
+    gradient is exactly the full-batch gradient, whatever the split (GRPO_NOTES trap 5). Returns the summed
+    loss, KL and clipped-token count for logging.
+    """
+    N = advantages.shape[0]
+    total_tokens = float(mask.sum().clamp(min=1.0))
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    for rows in micro_batches:
+        logp = logprobs_of(rows)  # (n, T)
+        # mu = 1: old_logp = logp.detach(), so the ratio is 1 and the gradient is the plain policy
+        # gradient; the loss value is then -mean(A), ~0 by construction (trap 13).
+        old = old_logp[rows] if old_logp is not None else logp.detach()  # (n, T)
+        per_token, clipped = clipped_surrogate(logp, old, advantages[rows], cfg.clip_eps_low,
+                                               cfg.clip_eps_high)  # (n, T), (n, T)
+        if ref_logp is not None:
+            kl = kl_k3(logp, ref_logp[rows], clamp=cfg.kl_clamp)  # (n, T)
+            per_token = per_token + cfg.beta * kl
+            sums["kl"] += float((kl.detach() * mask[rows]).sum())
+        loss = aggregate_loss(per_token, mask[rows], cfg.loss_agg, total_tokens=total_tokens,
+                              total_seqs=float(N), max_completion_len=max_completion_len)
+        loss.backward()  # gradients accumulate in .grad across micro-batches
+        sums["loss"] += float(loss.detach())
+        sums["clipped"] += float((clipped.float() * mask[rows]).sum())
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run: RunConfig, task: Task,
@@ -263,7 +298,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         mask = rollout.completion_mask  # (N, T) 1 up to and including EOS (trap 4)
         if cfg.mask_truncated:  # a cut-off answer is not evidence of a wrong one (trap 8)
             mask = mask_truncated(mask, rollout.truncated)
-        total_tokens = mask.sum().clamp(min=1.0)  # one denominator for the whole optimizer step (trap 5)
+        total_tokens = mask.sum().clamp(min=1.0)  # tokens that carry loss this step (for the per-token metrics)
         micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, B * G, cfg.micro_batch_size)]
 
         def logprobs_of(m, rows: slice) -> torch.Tensor:  # (n, T) at the sampling temperature (trap 1)
@@ -284,23 +319,8 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         # ---- 6. mu policy updates over the rollout -----------------------------------------------------------
         model.train()
         for _ in range(cfg.mu):
-            sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
-            for rows in micro_batches:
-                logp = logprobs_of(model, rows)  # (n, T)
-                # mu = 1: old_logp = logp.detach(), so the ratio is 1 and the gradient is the plain
-                # policy gradient; the loss value is then -mean(A), ~0 by construction (trap 13).
-                old = old_logp[rows] if old_logp is not None else logp.detach()  # (n, T)
-                per_token, clipped = clipped_surrogate(logp, old, advantages[rows],
-                                                       cfg.clip_eps_low, cfg.clip_eps_high)  # (n, T), (n, T)
-                if ref_logp is not None:
-                    kl = kl_k3(logp, ref_logp[rows], clamp=cfg.kl_clamp)  # (n, T)
-                    per_token = per_token + cfg.beta * kl
-                    sums["kl"] += float((kl.detach() * mask[rows]).sum())
-                loss = aggregate_loss(per_token, mask[rows], cfg.loss_agg, total_tokens=float(total_tokens),
-                                      total_seqs=float(B * G), max_completion_len=sampling.max_new_tokens)
-                loss.backward()  # gradients accumulate; the global denominator makes the sum exact
-                sums["loss"] += float(loss.detach())
-                sums["clipped"] += float((clipped.float() * mask[rows]).sum())
+            sums = accumulate_policy_gradients(lambda rows: logprobs_of(model, rows), micro_batches, advantages,
+                                               mask, old_logp, ref_logp, cfg, max_completion_len=sampling.max_new_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             optimizer.step()

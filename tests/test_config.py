@@ -30,7 +30,7 @@ def test_unknown_key_lists_valid_keys():
         load_experiment(None, ["nosection.x=1"])
 
 
-@pytest.mark.parametrize("override", ["grpo.steps=ten", "grpo.steps=1.5", "task.one_shot=maybe",
+@pytest.mark.parametrize("override", ["grpo.steps=ten", "grpo.steps=1.5", "task.one_shot=[1]",
                                       "grpo.lr=[1]", "sampling.stop_strings=5", "grpo.steps"])
 def test_wrong_types_are_errors(override):
     with pytest.raises(ConfigError):
@@ -50,3 +50,12 @@ def test_every_key_is_documented():
     undocumented = [key for key, _, doc in rows if not doc]
     assert not undocumented, undocumented
     assert any(key == "grpo.loss_agg" for key, _, _ in rows)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path("experiments/configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_experiment(path)

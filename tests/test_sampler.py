@@ -1,4 +1,5 @@
 """The sampler against Hugging Face: greedy tokens equal `generate`'s, log-probs equal a full forward."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,10 +16,12 @@ def ragged_prompts(vocab=128, seed=0):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_greedy_matches_hf_generate_with_ragged_left_padding():
+@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
+def test_greedy_matches_hf_generate_with_ragged_left_padding(cache_impl):
     model = tiny_model()
     prompts = ragged_prompts()
-    ours = sample(model, prompts, group_size=1, max_new_tokens=20, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    ours = sample(model, prompts, group_size=1, max_new_tokens=20, eos_ids=[EOS], pad_id=PAD, greedy=True,
+                  cache_impl=cache_impl)
     ids, mask = left_pad(prompts, PAD)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                         eos_token_id=EOS, pad_token_id=PAD, min_new_tokens=20)
@@ -30,11 +33,14 @@ def test_greedy_matches_hf_generate_with_ragged_left_padding():
     assert ours.completion_ids.shape[1] == 20
 
 
-def test_group_shares_prefill_and_greedy_rows_agree():
+@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
+def test_group_shares_prefill_and_greedy_rows_agree(cache_impl):
     model = tiny_model()
     prompts = ragged_prompts()
-    single = sample(model, prompts, group_size=1, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
-    grouped = sample(model, prompts, group_size=3, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    single = sample(model, prompts, group_size=1, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True,
+                    cache_impl=cache_impl)
+    grouped = sample(model, prompts, group_size=3, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True,
+                     cache_impl=cache_impl)
     assert grouped.completion_ids.shape[0] == 12
     for b in range(4):
         for g in range(3):
@@ -42,13 +48,14 @@ def test_group_shares_prefill_and_greedy_rows_agree():
         assert torch.equal(grouped.prompt_ids[b * 3], single.prompt_ids[b])
 
 
-def test_sampler_logprobs_match_a_full_forward_at_temperature():
+@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
+def test_sampler_logprobs_match_a_full_forward_at_temperature(cache_impl):
     model = tiny_model()
     prompts = ragged_prompts()
     temperature = 0.7
     gen = torch.Generator().manual_seed(3)
     r = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
-               temperature=temperature, generator=gen)
+               temperature=temperature, generator=gen, cache_impl=cache_impl)
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
