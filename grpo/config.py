@@ -87,6 +87,9 @@ class GRPOConfig:
     """Give truncated completions no loss (DAPO's overlong masking): a cut answer is no evidence."""
     kl_clamp: float = 10.0
     """Clamp log-ratios to +-this before exp in the KL estimator."""
+    share_prompt_forward: bool = True
+    """Run each prompt once per micro-batch in the update and share its keys/values (and their gradient)
+    with its completions: exact, and B*P + N*T tokens of work instead of N*(P + T)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk when computing log-probs from hidden states (bounds the logits' memory)."""
 

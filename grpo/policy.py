@@ -24,22 +24,58 @@ def build_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                        temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+                        temperature: float = 1.0, chunk_tokens: int = 1024,
+                        prompt_index: torch.Tensor | None = None) -> torch.Tensor:
     """log p(completion token t | prompt, completion[:t]) at `temperature`: (N, T) float32.
 
     The logits of the whole batch are never materialised: we run the transformer body, keep the hidden
     states of the T positions that predict completion tokens, and project them through the LM head a
     chunk of tokens at a time (GRPO_NOTES trap 11). Masked positions hold garbage; callers mask them.
+
+    `prompt_index` (N,) says which rows share a prompt (GRPO's G completions of one prompt; rows of a
+    prompt must be consecutive). Then each distinct prompt is run through the model once and its keys and
+    values are shared by its rows, gradient included, instead of running the same prompt G times: the
+    same numbers (a test checks values and gradients), for B*P + N*T tokens of work instead of N*(P + T).
     """
-    input_ids, attention_mask, position_ids = build_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     P = prompt_ids.shape[1]
     T = completion_ids.shape[1]
     body = model.get_decoder()  # the transformer without its LM head
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state  # (N, P + T, H)
-    # The hidden state at position j predicts token j + 1 (trap 3): completion token t sits at P + t,
-    # so it is predicted from position P + t - 1.
-    hidden = hidden[:, P - 1:P + T - 1, :]  # (N, T, H)
+    if prompt_index is not None and not getattr(body, "gradient_checkpointing", False):
+        hidden = _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+    else:
+        input_ids, attention_mask, position_ids = build_inputs(prompt_ids, prompt_mask, completion_ids,
+                                                               completion_mask)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (N, P + T, H)
+        # The hidden state at position j predicts token j + 1 (trap 3): completion token t sits at P + t,
+        # so it is predicted from position P + t - 1.
+        hidden = hidden[:, P - 1:P + T - 1, :]  # (N, T, H)
     head = model.get_output_embeddings()
     return logprobs_from_hidden(hidden, head.weight, completion_ids, temperature=temperature,
                                 chunk_tokens=chunk_tokens, lm_head_bias=getattr(head, "bias", None))  # (N, T)
+
+
+def _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index):
+    """Hidden states (N, T, H) that predict the completion tokens, running each distinct prompt once."""
+    from transformers import DynamicCache
+
+    from grpo.sampler import cache_keyword
+
+    _, counts = torch.unique_consecutive(prompt_index, return_counts=True)  # (U,) rows per distinct prompt
+    first = torch.cumsum(counts, 0) - counts  # (U,) the first row of each prompt
+    P = prompt_ids.shape[1]
+    cache = DynamicCache(config=body.config)
+    kw = cache_keyword(body)
+    prompt_hidden = body(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
+                         position_ids=positions_from_mask(prompt_mask[first]), use_cache=True,
+                         **{kw: cache}).last_hidden_state  # (U, P, H)
+    for layer in cache.layers:  # each prompt's keys/values serve all its rows; autograd sums their gradients
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)  # (U, heads, P, d) -> (N, heads, P, d)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P + T)
+    position_ids = positions_from_mask(attention_mask)[:, P:]  # (N, T)
+    completion_hidden = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{kw: cache}).last_hidden_state  # (N, T, H)
+    # completion token 0 is predicted by the last prompt position; token t > 0 by completion position t - 1
+    last_prompt = prompt_hidden[:, -1:, :].repeat_interleave(counts, dim=0)  # (N, 1, H)
+    return torch.cat([last_prompt, completion_hidden[:, :-1, :]], dim=1)  # (N, T, H)

@@ -38,6 +38,10 @@ class Rollout:
     group_size: int
 
     @property
+    def prompt_index(self) -> torch.Tensor:  # (N,) which prompt each row belongs to: n // G
+        return torch.arange(self.completion_ids.shape[0], device=self.completion_ids.device) // self.group_size
+
+    @property
     def completion_lengths(self) -> torch.Tensor:  # (N,)
         return self.completion_mask.sum(-1)
 
@@ -104,7 +108,7 @@ def _repeat_cache_rows(cache, repeats: int) -> None:
             layer.batch_size = layer.keys.shape[0]
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers >= 5.2x calls the KV-cache argument `cache`; earlier releases `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -144,7 +148,7 @@ def sample(
         cache = DynamicCache(config=model.config)
     else:
         raise ValueError(f"cache_impl must be 'static' or 'dynamic', got {cache_impl!r}")
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     next_logits = out.logits[:, -1, :]  # (B, V)

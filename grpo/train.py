@@ -305,7 +305,8 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
             with policy.autocast():
                 return completion_logprobs(m, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                            rollout.completion_ids[rows], rollout.completion_mask[rows],
-                                           temperature=sampling.temperature, chunk_tokens=cfg.logprob_chunk_tokens)
+                                           temperature=sampling.temperature, chunk_tokens=cfg.logprob_chunk_tokens,
+                                           prompt_index=rollout.prompt_index[rows] if cfg.share_prompt_forward else None)
 
         old_logp = ref_logp = None
         t0 = time.perf_counter()

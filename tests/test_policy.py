@@ -63,3 +63,26 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(loss_agg, beta):
         assert abs(sums["loss"] - full_sums["loss"]) < 1e-5
         for a, b in zip(full, split):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients():
+    model = tiny_model()
+    r = _rollout(model, G=3)
+    weights = torch.randn(r.completion_ids.shape, generator=torch.Generator().manual_seed(4)) * r.completion_mask
+
+    def run(rows, shared):
+        model.zero_grad(set_to_none=True)
+        logp = completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                                   r.completion_mask[rows], temperature=1.3,
+                                   prompt_index=r.prompt_index[rows] if shared else None)
+        (logp * weights[rows]).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    # whole batch, and a micro-batch that starts and ends in the middle of groups
+    for rows in (slice(0, 9), slice(2, 7)):
+        base, base_grads = run(rows, shared=False)
+        shared, shared_grads = run(rows, shared=True)
+        m = r.completion_mask[rows].bool()
+        assert torch.allclose(base[m], shared[m], atol=1e-5)
+        for a, b in zip(base_grads, shared_grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
