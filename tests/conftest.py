@@ -31,3 +31,11 @@ def tiny_model(vocab_size: int = 128, seed: int = 0, **overrides):
 
     return build_random_model({**TINY_QWEN2, **overrides}, vocab_size=vocab_size, seed=seed, device="cpu",
                               dtype="float32")
+
+
+def data_sample(folder: str) -> Path:
+    """A sample folder of the shared data, or a skip saying where it was looked for."""
+    path = DATA_DIR / folder
+    if not path.is_dir():
+        pytest.skip(f"real data sample {folder!r} not found in {DATA_DIR} (set RECZERO_DATA_DIR)")
+    return path

@@ -2,7 +2,6 @@
 the prepared real samples recomputed independently from the raw files."""
 import gzip
 import json
-import os
 import statistics
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -15,14 +14,7 @@ from recdata.build import SPLITS, BuildConfig, ExampleBuilder, build_examples, c
 from recdata.prepare import main
 from recdata.readers import Interaction, Item, read_dataset
 
-DATA_DIR = Path(os.environ.get("RECZERO_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-
-
-def sample(folder: str) -> Path:
-    path = DATA_DIR / folder
-    if not path.is_dir():
-        pytest.skip(f"real data sample {folder!r} not found in {DATA_DIR} (set RECZERO_DATA_DIR)")
-    return path
+from conftest import data_sample as sample  # noqa: E402
 
 
 def x(user, item, rating, ts, text=""):

@@ -1,22 +1,13 @@
 """Readers: real lines from the shared data samples, plus hand-written files for the variants they lack."""
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from recdata.readers import FORMATS, Item, read_dataset, read_interactions, read_items
 
-DATA_DIR = Path(os.environ.get("RECZERO_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-
-
-def sample(folder: str) -> Path:
-    """A sample folder of the shared data, or a skip saying where it was looked for."""
-    path = DATA_DIR / folder
-    if not path.is_dir():
-        pytest.skip(f"real data sample {folder!r} not found in {DATA_DIR} (set RECZERO_DATA_DIR)")
-    return path
+from conftest import data_sample as sample  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
