@@ -259,6 +259,8 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
             start_step = _resume(ckpt, policy, optimizer, scheduler, generator)
             log.truncate_after(start_step)
             print(f"resumed from {ckpt} at step {start_step}")
+        else:
+            print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
 
     def run_eval(step: int) -> dict:
         if not val_items:
