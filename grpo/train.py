@@ -153,6 +153,14 @@ def evaluate(policy: Policy, task: Task, items: list[dict], sampling: SamplingCo
     return metrics
 
 
+def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, betas=(0.9, 0.999)):
+    """AdamW, and a schedule that warms up linearly over `warmup_steps` then stays constant."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    warmup = max(warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    return optimizer, scheduler
+
+
 def save_checkpoint(path: Path, policy: Policy, optimizer, scheduler, step: int, generator: torch.Generator):
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():
@@ -239,10 +247,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         model.gradient_checkpointing_enable()
     # With beta = 0 the KL term vanishes: loading a reference model would only cost memory (trap 9).
     reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
-    warmup = max(cfg.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.adam_betas)
     generator = torch.Generator(device=policy.device).manual_seed(run.seed)
 
     train_items = task.items("train")
