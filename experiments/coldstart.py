@@ -1,0 +1,193 @@
+"""Cold-start reasoning traces for RecOne: `python -m experiments.coldstart --config experiments/configs/recone.yaml`.
+
+Two teachers write answers in the four-tag format for training examples; only traces that parse under the
+strict format rule and whose rating is within `tolerance` of the label are kept (PAPER.md, RecOne):
+- `teacher: self` (default, no network; the paper's open question 1): the current model samples
+  `samples_per_example` answers per example; the kept answer is the one closest to the label. Bias
+  correction: when none is close enough, the model is asked again with the true rating given.
+- `teacher: openai`: any OpenAI-compatible chat endpoint (DeepSeek-R1 in the paper), see experiments/teacher.py.
+Answers that copy the prompt's worked example (a small model's favourite shortcut) are rejected too.
+Writes one JSON line per example to `coldstart.out` and prints how many traces survived each stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments.config import ExperimentConfig
+from experiments.task import RecTask
+from experiments.teacher import TeacherConfig, check_trace, example_id, generate_traces
+from grpo.config import ConfigError, load_config
+from grpo.sft import SFTConfig
+from grpo.train import decode_completions, generate, load_policy
+from prompts import TEMPLATES
+
+
+@dataclass
+class ColdStartConfig:
+    teacher: str = "self"
+    """self (the model writes its own traces) or openai (an OpenAI-compatible endpoint, see `teacher`)."""
+    out: str = "runs/recone/coldstart.jsonl"
+    """The traces file (one line per example; reused and resumed if it exists)."""
+    n_examples: int = 64
+    """How many training examples to write traces for (the paper used ~1,000)."""
+    samples_per_example: int = 4
+    """Self-teacher: answers sampled per example (the best one is kept)."""
+    batch_examples: int = 4
+    """Self-teacher: examples per sampling batch."""
+    tolerance: float = 0.0
+    """Keep a trace only if |rating - label| <= tolerance."""
+    bias_correction: bool = True
+    """Ask again with the true rating given when no answer had the right rating."""
+    max_copy_overlap: float = 0.3
+    """Reject an answer sharing more than this share of the worked example's word 6-grams (copying)."""
+
+
+@dataclass
+class ReconeConfig(ExperimentConfig):
+    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def _ngrams(text: str, n: int = 6) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def copy_overlap(answer: str, demonstration: str, n: int = 6) -> float:
+    """Share of the demonstration's word n-grams that reappear in the answer (0 = none, 1 = a full copy)."""
+    demo = _ngrams(demonstration, n)
+    return len(demo & _ngrams(answer, n)) / len(demo) if demo else 0.0
+
+
+def _hint_prompt(task: RecTask, example: dict) -> str:
+    """The task prompt with the true rating revealed after the closing line of the last user turn."""
+    label = float(example["rating"])
+    note = (f"\n(For this user the true rating is {label:g}. Write the four steps so that the analysis "
+            f"explains this rating, and end with <rate> {label:g} </rate>.)")
+    text = task.prompt(example)
+    closing = TEMPLATES[task.cfg.template].closing
+    at = text.rfind(closing)
+    if at < 0:
+        raise ValueError("the prompt's closing line was not found; cannot add the rating hint")
+    return text[:at + len(closing)] + note + text[at + len(closing):]
+
+
+def self_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
+    """The model writes its own traces. One line per example in `out`; already written examples are skipped."""
+    policy = load_policy(cfg.model, seed=cfg.run.seed, for_training=False)
+    task = RecTask(cfg.task, policy.tokenizer)
+    demo = TEMPLATES[cfg.task.template].one_shot_answer
+    done = set()
+    if out.exists():
+        done = {json.loads(line)["example_id"] for line in out.read_text(encoding="utf-8").splitlines() if line.strip()}
+    todo = [ex for ex in examples if example_id(ex) not in done]
+    stats = {"requested": len(examples), "skipped": len(examples) - len(todo), "first_kept": 0, "corrected_kept": 0,
+             "rejected_format": 0, "rejected_rating": 0, "rejected_copy": 0}
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.run.seed)
+    G, cs = cfg.coldstart.samples_per_example, cfg.coldstart
+
+    def best_answer(prompts: list[str], batch: list[dict]) -> list[tuple[str | None, str]]:
+        rollout = generate(policy, prompts, cfg.sampling, group_size=G, generator=generator)
+        texts = [task.answer(t) for t in decode_completions(policy.tokenizer, rollout)]
+        results = []
+        for b, ex in enumerate(batch):
+            best, reason, best_err = None, "format", None
+            for text in texts[b * G:(b + 1) * G]:
+                keep, why, rating = check_trace(text, ex, tolerance=float("inf"), template=cfg.task.template)
+                if not keep:
+                    continue
+                if copy_overlap(text, demo) > cs.max_copy_overlap:
+                    reason = "copy" if reason == "format" else reason
+                    continue
+                err = abs(rating - float(ex["rating"]))
+                reason = "rating" if err > cs.tolerance else reason
+                if err <= cs.tolerance and (best_err is None or err < best_err):
+                    best, best_err = text, err
+            results.append((best, "ok" if best is not None else reason))
+        return results
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        for start in tqdm(range(0, len(todo), cs.batch_examples), desc="coldstart"):
+            batch = todo[start:start + cs.batch_examples]
+            first = best_answer([task.prompt(ex) for ex in batch], batch)
+            retry = [b for b, (text, why) in enumerate(first) if text is None and why == "rating"]
+            second = {}
+            if cs.bias_correction and retry:
+                answers = best_answer([_hint_prompt(task, batch[b]) for b in retry], [batch[b] for b in retry])
+                second = dict(zip(retry, answers))
+            for b, ex in enumerate(batch):
+                text, why = first[b]
+                stage = "first"
+                if text is None and b in second and second[b][0] is not None:
+                    text, why, stage = second[b][0], "ok", "corrected"
+                kept = text is not None
+                if kept:
+                    stats["first_kept" if stage == "first" else "corrected_kept"] += 1
+                else:
+                    stats[f"rejected_{why}"] += 1
+                # The SFT pair: the ordinary training prompt (never the hinted one) and the answer after any prefill.
+                completion = text[len(cfg.task.prefill):] if kept and text.startswith(cfg.task.prefill) else text
+                f.write(json.dumps({"example_id": example_id(ex), "prompt": task.prompt(ex), "completion": completion,
+                                    "label": float(ex["rating"]), "kept": kept, "stage": stage if kept else "rejected",
+                                    "reason": why, "source": "self"}, ensure_ascii=False) + "\n")
+                f.flush()
+    stats["kept"] = stats["first_kept"] + stats["corrected_kept"]
+    return stats
+
+
+def write_traces(cfg: ReconeConfig) -> tuple[Path, dict]:
+    out = Path(cfg.coldstart.out)
+    task_examples = RecTask(cfg.task, tokenizer=None).examples("train")[: cfg.coldstart.n_examples]
+    if cfg.coldstart.teacher == "self":
+        stats = self_traces(cfg, task_examples, out)
+    elif cfg.coldstart.teacher == "openai":
+        teacher = TeacherConfig(**{**cfg.teacher.__dict__, "tolerance": cfg.coldstart.tolerance,
+                                   "bias_correction": cfg.coldstart.bias_correction})
+        stats = generate_traces(task_examples, teacher, out, template=cfg.task.template)
+    else:
+        raise ValueError(f"coldstart.teacher must be self or openai, got {cfg.coldstart.teacher!r}")
+    print("cold-start traces:", json.dumps(stats))
+    return out, stats
+
+
+def sft_pairs(traces_path: Path, task: RecTask) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of the kept traces, with the task's own prompt for each example."""
+    by_id = {example_id(ex): ex for ex in task.examples("train")}
+    pairs = []
+    for line in traces_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else None
+        if not record or not record.get("kept"):
+            continue
+        prompt = record.get("prompt") or task.prompt(by_id[record["example_id"]])
+        completion = record["completion"]
+        if task.cfg.prefill and completion.startswith(task.cfg.prefill):
+            completion = completion[len(task.cfg.prefill):]
+        pairs.append((prompt, completion))
+    return pairs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="experiments/configs/recone.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. coldstart.n_examples=16")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(ReconeConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    write_traces(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The whole RecOne pipeline (self-teacher traces -> SFT -> GRPO) on a tiny random model, in seconds."""
+import json
+
+from experiments.coldstart import ReconeConfig, copy_overlap
+from experiments.recone import run_recone
+from grpo.config import load_config
+
+
+def test_copy_overlap():
+    demo = "a b c d e f g h i j"
+    assert copy_overlap(demo, demo) == 1.0
+    assert copy_overlap("x y z", demo) == 0.0
+    assert 0 < copy_overlap("a b c d e f zz", demo) < 1
+
+
+def test_recone_pipeline_on_a_tiny_model(tmp_path, data_dir, default_tokenizer, monkeypatch):
+    from recdata.prepare import main as prepare
+    import experiments.coldstart as coldstart
+
+    data = tmp_path / "music"
+    assert prepare(["--dataset", "amazon-music", "--raw-dir", str(data_dir / "amazon-music-2014-sample"),
+                    "--out", str(data), "--max-train", "16", "--max-val", "4", "--max-test", "4", "--quiet"]) == 0
+    smoke = "experiments/configs/smoke.yaml"
+    import yaml
+
+    values = yaml.safe_load(open(smoke))
+    values.update({"coldstart": {"n_examples": 6, "samples_per_example": 2, "batch_examples": 3,
+                                 "tolerance": 4.0},
+                   "sft": {"epochs": 1, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3}})
+    path = tmp_path / "recone_smoke.yaml"
+    path.write_text(yaml.safe_dump(values))
+    cfg = load_config(ReconeConfig, path, [f"task.data_dir={data}", f"run.output_dir={tmp_path / 'run'}",
+                                           "grpo.steps=2", "run.eval_examples=2"])
+    # A random model never writes the format; stand in a teacher that answers well for half the examples,
+    # so that the filter, the SFT stage and the hand-over to GRPO all run on real files.
+    calls = []
+
+    def fake_best_answer_traces(cfg_, examples, out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            for i, ex in enumerate(examples):
+                kept = i % 2 == 0
+                answer = ("<analyze user>\nlikes rock\n</analyze user>\n<analyze item>\n[pos] rock\n</analyze item>\n"
+                          f"<match>\nfits\n</match>\n<rate> {ex['rating']:g} </rate>")
+                f.write(json.dumps({"example_id": f"{ex['user_id']}|{ex['item_id']}|{ex['timestamp']}",
+                                    "prompt": None, "completion": answer, "label": ex["rating"], "kept": kept,
+                                    "stage": "first" if kept else "rejected", "reason": "ok", "source": "test"}) + "\n")
+        calls.append(len(examples))
+        return {"kept": (len(examples) + 1) // 2}
+
+    monkeypatch.setattr(coldstart, "self_traces", fake_best_answer_traces)
+    root = run_recone(cfg)
+    stages = json.loads((root / "stages.json").read_text())
+    assert calls == [6]
+    assert stages["sft"]["pairs"] == 3
+    assert (root / "sft" / "checkpoints" / "best" / "config.json").exists()
+    assert stages["grpo"]["starts_from"].endswith("best")
+    assert (root / "grpo" / "metrics.jsonl").exists() and (root / "grpo" / "checkpoints" / "step_2").exists()
+
+
+def test_self_teacher_writes_one_line_per_example_and_resumes(tmp_path, data_dir, default_tokenizer):
+    from experiments.coldstart import _hint_prompt, self_traces
+    from experiments.task import RecTask
+    from recdata.prepare import main as prepare
+
+    data = tmp_path / "music"
+    assert prepare(["--dataset", "amazon-music", "--raw-dir", str(data_dir / "amazon-music-2014-sample"),
+                    "--out", str(data), "--max-train", "8", "--max-val", "2", "--max-test", "2", "--quiet"]) == 0
+    cfg = load_config(ReconeConfig, "experiments/configs/smoke.yaml",
+                      [f"task.data_dir={data}", "task.one_shot=turn", "coldstart.samples_per_example=2",
+                       "coldstart.batch_examples=2"])
+    task = RecTask(cfg.task, default_tokenizer)
+    examples = task.examples("train")[:3]
+    out = tmp_path / "traces.jsonl"
+    stats = self_traces(cfg, examples, out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and stats["requested"] == 3 and stats["skipped"] == 0
+    assert not any(r["kept"] for r in lines)  # a random model never writes the format
+    assert stats["rejected_format"] == 3
+    again = self_traces(cfg, examples, out)
+    assert again["skipped"] == 3 and len(out.read_text().splitlines()) == 3  # nothing asked twice
+
+    hinted = _hint_prompt(task, examples[0])
+    plain = task.prompt(examples[0])
+    label = f"{examples[0]['rating']:g}"
+    assert f"true rating is {label}" in hinted and "true rating" not in plain
+    assert hinted.index("true rating") > plain.rfind("<|im_start|>user")  # in the last user turn
