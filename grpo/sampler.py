@@ -142,6 +142,10 @@ def sample(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
     B, P = prompt_ids.shape
     N = B * G
+    if cache_impl == "static" and torch.is_autocast_enabled(device.type):
+        # Under autocast, keys (after the fp32 rotary embedding) and values arrive in different dtypes,
+        # which a preallocated cache of one dtype cannot take: fall back to the growing cache.
+        cache_impl = "dynamic"
     if cache_impl == "static":  # preallocated for prompt + max_new_tokens: no per-step reallocation
         cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     elif cache_impl == "dynamic":  # grows by concatenation every step (measured: 61% of CPU decode time)

@@ -144,3 +144,4 @@ def test_sampler_stops_rows_on_a_stop_string():
     kept = _CharTokenizer().decode(stopped.completion_ids[0, :n].tolist())
     assert kept.endswith(target) and target not in kept[:-1]
     assert not stopped.truncated[0]
+
