@@ -11,7 +11,6 @@ Writes one JSON line per example to `coldstart.out` and prints how many traces s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -20,10 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from experiments.config import ExperimentConfig
+from experiments.config import ExperimentConfig, config_from_cli
 from experiments.task import RecTask
 from experiments.teacher import TeacherConfig, check_trace, example_id, generate_traces
-from grpo.config import ConfigError, load_config
 from grpo.sft import SFTConfig
 from grpo.train import decode_completions, generate, load_policy
 from prompts import TEMPLATES
@@ -176,18 +174,11 @@ def sft_pairs(traces_path: Path, task: RecTask) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/configs/recone.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. coldstart.n_examples=16")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(ReconeConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = config_from_cli(ReconeConfig, argv, __doc__, default_config="experiments/configs/recone.yaml")
+    if cfg is None:
         return 2
     write_traces(cfg)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

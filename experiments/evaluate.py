@@ -15,7 +15,6 @@ model is evaluated with the prompts it was trained on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

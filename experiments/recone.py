@@ -8,7 +8,6 @@ links them. The GRPO stage is exactly RecZero's loop, only starting from the SFT
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
@@ -16,8 +15,8 @@ import sys
 from pathlib import Path
 
 from experiments.coldstart import ReconeConfig, sft_pairs, write_traces
+from experiments.config import config_from_cli
 from experiments.task import RecTask
-from grpo.config import ConfigError, load_config
 from grpo.models import load_tokenizer
 from grpo.runlog import write_json
 from grpo.sft import train_sft
@@ -68,18 +67,11 @@ def run_recone(cfg: ReconeConfig) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/configs/recone.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.epochs=2 grpo.steps=8")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(ReconeConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = config_from_cli(ReconeConfig, argv, __doc__, default_config="experiments/configs/recone.yaml")
+    if cfg is None:
         return 2
     run_recone(cfg)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,6 @@ the engine's small Task interface (grpo.task)."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +181,3 @@ class RecTask:
         return {"label": float(item["example"]["rating"]), "parsed_rating": parsed.rating,
                 "format_ok": parsed.format_ok, "parse_error": parsed.error}
 
-
-def finite_or_none(x: float):
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

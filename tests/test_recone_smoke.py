@@ -85,3 +85,12 @@ def test_self_teacher_writes_one_line_per_example_and_resumes(tmp_path, data_dir
     label = f"{examples[0]['rating']:g}"
     assert f"true rating is {label}" in hinted and "true rating" not in plain
     assert hinted.index("true rating") > plain.rfind("<|im_start|>user")  # in the last user turn
+
+
+def test_cli_rejects_unknown_keys(capsys):
+    from experiments.coldstart import main as coldstart_main
+    from experiments.recone import main as recone_main
+
+    assert coldstart_main(["coldstart.n_exampels=3"]) == 2
+    assert "coldstart.n_exampels" in capsys.readouterr().err
+    assert recone_main(["sft.epoch=1"]) == 2
