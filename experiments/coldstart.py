@@ -11,6 +11,7 @@ Writes one JSON line per example to `coldstart.out` and prints how many traces s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from experiments.config import ExperimentConfig, config_from_cli
 from experiments.task import RecTask
 from experiments.teacher import TeacherConfig, check_trace, example_id, generate_traces
 from grpo.sft import SFTConfig
+from grpo.sampler import Scaffold
 from grpo.train import decode_completions, generate, load_policy
-from prompts import TEMPLATES
+from prompts import TEMPLATES, parse_completion
 
 
 @dataclass
@@ -45,6 +47,14 @@ class ColdStartConfig:
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
     """Reject an answer sharing more than this share of the worked example's word 6-grams (copying)."""
+    scaffold: bool = True
+    """Self-teacher: the decoder writes the section tags and the model writes what is inside each (a small
+    model rarely keeps the four-tag format by itself); False samples free text like GRPO does."""
+    section_tokens: list[int] = field(default_factory=lambda: [48, 48, 40, 1])
+    """Self-teacher with scaffold: the most tokens the model may write inside each section, in order (the
+    last, the rating, is one digit 1-5 drawn from the model's own distribution over the five digits)."""
+    min_words: int = 4
+    """Reject an answer with a reasoning section of fewer words than this (empty or one-word thinking)."""
 
 
 @dataclass
@@ -88,12 +98,37 @@ def self_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
         done = {json.loads(line)["example_id"] for line in out.read_text(encoding="utf-8").splitlines() if line.strip()}
     todo = [ex for ex in examples if example_id(ex) not in done]
     stats = {"requested": len(examples), "skipped": len(examples) - len(todo), "first_kept": 0, "corrected_kept": 0,
-             "rejected_format": 0, "rejected_rating": 0, "rejected_copy": 0}
+             "rejected_format": 0, "rejected_rating": 0, "rejected_copy": 0, "rejected_thin": 0}
     generator = torch.Generator(device=policy.device).manual_seed(cfg.run.seed)
     G, cs = cfg.coldstart.samples_per_example, cfg.coldstart
 
+    tmpl = TEMPLATES[cfg.task.template]
+    scaffold = None
+    if cs.scaffold:
+        if not cfg.task.prefill.strip().startswith(f"<{tmpl.sections[0]}>"):
+            raise ValueError(f"coldstart.scaffold needs task.prefill to open the first section "
+                             f"(e.g. '<{tmpl.sections[0]}>\\n'), got {cfg.task.prefill!r}")
+        if len(cs.section_tokens) != len(tmpl.sections):
+            raise ValueError(f"coldstart.section_tokens needs {len(tmpl.sections)} numbers (one per section of "
+                             f"the {cfg.task.template} template), got {cs.section_tokens}")
+        # the answer section may only hold the rating's digits (whole stars: the labels' own scale)
+        digits = [policy.tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(1, 6)]
+        if any(len(ids) != 1 for ids in digits):
+            raise ValueError("coldstart.scaffold needs a tokenizer with one token per digit 1-5")
+        allowed = [None] * (len(tmpl.sections) - 1) + [[ids[0] for ids in digits]]
+        scaffold = Scaffold(policy.tokenizer, [(f"<{name}>", f"</{name}>") for name in tmpl.sections],
+                            cs.section_tokens, allowed=allowed)
+    sampling = cfg.sampling
+    if scaffold is not None:  # room for every section's body and its tags
+        sampling = dataclasses.replace(sampling, max_new_tokens=sum(cs.section_tokens) + 16 * len(tmpl.sections))
+
+    def thin_section(text: str) -> bool:
+        parsed = parse_completion(text, template=cfg.task.template)
+        return any(len((parsed.sections.get(name) or "").split()) < cs.min_words
+                   for name in tmpl.reasoning_sections)
+
     def best_answer(prompts: list[str], batch: list[dict]) -> list[tuple[str | None, str]]:
-        rollout = generate(policy, prompts, cfg.sampling, group_size=G, generator=generator)
+        rollout = generate(policy, prompts, sampling, group_size=G, generator=generator, scaffold=scaffold)
         texts = [task.answer(t) for t in decode_completions(policy.tokenizer, rollout)]
         results = []
         for b, ex in enumerate(batch):
@@ -101,6 +136,9 @@ def self_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
             for text in texts[b * G:(b + 1) * G]:
                 keep, why, rating = check_trace(text, ex, tolerance=float("inf"), template=cfg.task.template)
                 if not keep:
+                    continue
+                if thin_section(text):
+                    reason = "thin" if reason == "format" else reason
                     continue
                 if copy_overlap(text, demo) > cs.max_copy_overlap:
                     reason = "copy" if reason == "format" else reason

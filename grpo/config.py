@@ -214,14 +214,19 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Build `cls` from a YAML file (optional) and `key=value` overrides (dotted for nested sections)."""
-    values: dict = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+def read_config_values(path: str | Path | None) -> dict:
+    """The raw nested mapping of a YAML config file ({} for None), before any checking."""
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return values
+
+
+def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """Apply `key=value` overrides (dotted keys for nested sections) to a raw mapping, in place; returns it."""
     for text in overrides or []:
         keys, value = _parse_override(text)
         node = values
@@ -230,7 +235,17 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
+    return values
+
+
+def build_config(cls, values: dict):
+    """Check a raw nested mapping against `cls` (unknown keys and wrong types are errors) and build it."""
     return _build(cls, values)
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML file (optional) and `key=value` overrides (dotted for nested sections)."""
+    return _build(cls, apply_overrides(read_config_values(path), overrides))
 
 
 def config_to_dict(config) -> dict:

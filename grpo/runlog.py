@@ -4,11 +4,17 @@ Everything a person wants to look at after (or during) a run, in plain files:
 - metrics.jsonl: one JSON object per step, `step` plus namespaced keys (`reward/mean`, `eval/mae` ...).
 - samples.jsonl: prompts, completions, rewards and advantages, the most useful debugging aid in RL.
 - curves.png: the key curves, redrawn as training goes.
+- run.json: the command line that wrote the folder, when, and its wall time (RunRecord).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -86,26 +92,90 @@ class RunLog:
 
 def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str = "") -> None:
     """One panel per key present in the rows, against `step`."""
+    plot_runs({"": rows}, keys, path, title=title)
+
+
+def plot_runs(runs: dict[str, list[dict]], keys: list[str], path: Path, title: str = "",
+              titles: dict[str, str] | None = None) -> bool:
+    """One panel per key, one line per run (label -> metric rows), against `step`; a legend when the runs
+    have labels. Keys no run has are left out; returns False (and writes nothing) when none is left."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in keys if any(r.get(k) is not None for rows in runs.values() for r in rows)]
     if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        return False
+    legend_rows = math.ceil(sum(1 for label in runs if label) / 4)  # labels under the panels, four a row
+    legend_h = 0.15 + 0.2 * legend_rows if legend_rows else 0.0
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2 + legend_h), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_title(key)
+        for i, (label, rows) in enumerate(runs.items()):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label or None,
+                    color=f"C{i % 10}")  # one colour per run in every panel
+        ax.set_title((titles or {}).get(key, key))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    legend = {}  # label -> line, over every panel (a run may lack a metric and so miss from some panels)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if legend:
+        fig.subplots_adjust(bottom=(legend_h + 0.45) / (3.2 + legend_h))
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=8,
+                   frameon=False)
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
+    return True
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """This process's command line as one would type it: `python -m experiments.train --config X k=v`."""
+    argv = list(sys.argv if argv is None else argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        program = ["python", "-m", spec.name.removesuffix(".__main__")]
+    else:
+        program = ["python", argv[0]] if argv and argv[0].endswith(".py") else argv[:1]
+    return " ".join(shlex.quote(a) for a in program + argv[1:])
+
+
+class RunRecord:
+    """run.json: the command line that wrote this run folder, when, and for how long. A resumed run keeps
+    one entry per session (`sessions`), and `wall_s` sums them; `finished` is true once the run ends."""
+
+    def __init__(self, run_dir: Path, resumed: bool = False, **extra):
+        self.path = Path(run_dir) / "run.json"
+        previous = {}
+        if resumed and self.path.exists():
+            try:
+                previous = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = {}
+        self.sessions = list(previous.get("sessions", []))
+        self.sessions.append({"command": command_line(), "cwd": os.getcwd(), "started": _now(), **extra})
+        self._t0 = time.perf_counter()
+        self._write(finished=False)
+
+    def finish(self, **extra) -> None:
+        self.sessions[-1].update({"finished": _now(), "wall_s": time.perf_counter() - self._t0, **extra})
+        self._write(finished=True)
+
+    def _write(self, finished: bool) -> None:
+        write_json(self.path, {"command": self.sessions[-1]["command"], "finished": finished,
+                               "wall_s": sum(s.get("wall_s", 0.0) for s in self.sessions),
+                               "sessions": self.sessions})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -99,6 +99,77 @@ class StopStrings:
         return hits
 
 
+class Scaffold:
+    """Structured decoding: the model writes the body of each section, the decoder writes the headings.
+
+    `sections` is a list of (opening, closing) strings, e.g. [("<a>", "</a>"), ("<b>", "</b>")]. The
+    prompt is expected to end with the first opening. A row's current section ends when the model writes
+    that section's closing string itself, or when its body reaches `budgets[i]` tokens; then the decoder
+    forces the rest: the closing string if the model did not write it, and the next section's opening. The
+    model's own text is never edited, only continued; `allowed` can restrict a section to some token ids
+    (e.g. the digits of a rating). After the last section the row stops (its closing
+    string is made a stop); EOS cannot be sampled before that. Forced tokens carry the model's log-probs like any other, so a rollout stays a
+    well-defined sample of the model *conditioned on the headings* (use it for data, not for GRPO).
+    """
+
+    def __init__(self, tokenizer, sections: list[tuple[str, str]], budgets: list[int], separator: str = "\n",
+                 allowed: list[list[int] | None] | None = None):
+        if len(sections) != len(budgets) or not sections:
+            raise ValueError("Scaffold needs one budget per section and at least one section")
+        if allowed is not None and len(allowed) != len(sections):
+            raise ValueError("Scaffold.allowed needs one entry (a token id list or None) per section")
+        self.allowed = list(allowed) if allowed is not None else [None] * len(sections)
+        self.tokenizer = tokenizer
+        self.sections = list(sections)
+        self.budgets = list(budgets)
+        self.separator = separator
+        self.tail_tokens = max(len(c) for _, c in sections) + 1
+        self.section: dict[int, int] = {}  # row -> index of the section being written
+        self.body_start: dict[int, int] = {}  # row -> step at which the current body began
+
+    def reset(self, rows: int) -> None:
+        self.section = {r: 0 for r in range(rows)}
+        self.body_start = {r: 0 for r in range(rows)}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, completion_ids: torch.Tensor, active_rows: list[int], step: int) -> dict[int, list[int]]:
+        """Rows whose current section just ended -> the token ids to force next."""
+        forced = {}
+        sep = self.separator
+        for row in active_rows:
+            i, begin = self.section[row], self.body_start[row]
+            if i >= len(self.sections):
+                continue
+            start = max(begin, step + 1 - self.tail_tokens)
+            closing = self.sections[i][1]
+            wrote_close = closing in self.tokenizer.decode(completion_ids[row, start:step + 1].tolist())
+            if not wrote_close and step + 1 - begin < self.budgets[i]:
+                continue
+            text = "" if wrote_close else sep + closing
+            if i + 1 < len(self.sections):
+                text += sep + self.sections[i + 1][0] + sep
+            self.section[row] = i + 1
+            if text:
+                ids = self._encode(text)
+                forced[row] = ids
+                self.body_start[row] = step + 1 + len(ids)
+        return forced
+
+    def constrained_rows(self, rows: list[int]) -> dict[int, list[int]]:
+        """Rows (of `rows`) writing a section whose tokens are restricted -> the token ids they may draw."""
+        out = {}
+        for row in rows:
+            i = self.section[row]
+            if i < len(self.sections) and self.allowed[i] is not None:
+                out[row] = self.allowed[i]
+        return out
+
+    def finished(self, row: int) -> bool:
+        return self.section.get(row, 0) >= len(self.sections)
+
+
 def _repeat_cache_rows(cache, repeats: int) -> None:
     """Row b of every layer's keys/values becomes rows b*G .. b*G+G-1 (the prefill shared by a group)."""
     for layer in cache.layers:
@@ -130,6 +201,7 @@ def sample(
     stop: StopStrings | None = None,
     sync_every: int = 1,
     cache_impl: str = "static",
+    scaffold: Scaffold | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt (token id lists). The model stays in eval mode."""
     if temperature <= 0 and not greedy:
@@ -171,8 +243,18 @@ def sample(
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     length = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)  # (N,) tokens kept per row
     steps_done = 0
+    forced: dict[int, list[int]] = {}  # scaffold only: row -> token ids still to be written for it
+    if scaffold is not None:
+        scaffold.reset(N)
     for t in range(max_new_tokens):
         logits = next_logits.float()  # (N, V)
+        if scaffold is not None:  # a scaffolded row ends with its last section, never with an early EOS
+            logits[:, eos] = float("-inf")
+            free = [r for r in (~finished).nonzero().flatten().tolist() if r not in forced]
+            for row, ids in scaffold.constrained_rows(free).items():  # e.g. a rating section: digits only
+                only = torch.full_like(logits[row], float("-inf"))
+                only[ids] = 0.0
+                logits[row] = logits[row] + only
         if greedy:
             token = logits.argmax(-1)  # (N,)
             token_logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)  # (N,)
@@ -182,6 +264,12 @@ def sample(
             allowed = filter_logits(logits, top_k, top_p)  # (N, V) which tokens may be drawn
             token = torch.multinomial(F.softmax(allowed, -1), 1, generator=generator).squeeze(-1)  # (N,)
             token_logp = logprobs.gather(-1, token[:, None]).squeeze(-1)  # (N,)
+        if forced:  # scaffold: these rows take their next heading token instead of a sample
+            rows = list(forced)
+            ids = torch.tensor([forced[r].pop(0) for r in rows], device=device)
+            token[rows] = ids
+            token_logp[rows] = torch.log_softmax(logits[rows], -1).gather(-1, ids[:, None]).squeeze(-1)
+            forced = {r: q for r, q in forced.items() if q}
         token = torch.where(finished, torch.full_like(token, pad_id), token)  # finished rows emit pad
         completion_ids[:, t] = token
         logp[:, t] = torch.where(finished, torch.zeros_like(token_logp), token_logp)
@@ -193,6 +281,13 @@ def sample(
             hits = stop(completion_ids, active, t)
             if hits:
                 newly_done[hits] = True
+        if scaffold is not None:
+            active = (~finished & ~newly_done).nonzero().flatten().tolist()
+            for row, ids in scaffold(completion_ids, [r for r in active if r not in forced], t).items():
+                forced[row] = ids
+            done_rows = [r for r in active if scaffold.finished(r) and r not in forced]
+            if done_rows:
+                newly_done[done_rows] = True
         length = torch.where(newly_done, torch.full_like(length, t + 1), length)
         finished = finished | newly_done
         if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):

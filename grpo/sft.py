@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, save_config
 from grpo.policy import completion_logprobs
-from grpo.runlog import RunLog, write_json
+from grpo.runlog import RunLog, RunRecord, write_json
 from grpo.sampler import left_pad
 from grpo.task import Task
 from grpo.train import (Policy, batch_indices, encode_prompts, evaluate, load_policy, make_optimizer,
@@ -175,6 +175,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
                 run_dir / "config.yaml")
+    record = RunRecord(run_dir)  # run.json: the command line and the wall time
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -268,4 +269,5 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
                                        "best_eval_loss": best["loss"], "stopped_early": stopped_early})
     log.plot()
     log.close()
+    record.finish(steps=step)
     return run_dir

@@ -35,8 +35,8 @@ from grpo.config import GRPOConfig, ModelConfig, RunConfig, SamplingConfig, save
 from grpo.functional import aggregate_loss, clipped_surrogate, group_advantages, kl_k3, mask_truncated, masked_mean
 from grpo.models import build_random_model, load_model, load_tokenizer, pick_device, pick_dtype
 from grpo.policy import completion_logprobs
-from grpo.runlog import RunLog, write_json
-from grpo.sampler import Rollout, StopStrings, sample
+from grpo.runlog import RunLog, RunRecord, write_json
+from grpo.sampler import Rollout, Scaffold, StopStrings, sample
 from grpo.task import Task
 
 
@@ -113,14 +113,15 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def generate(policy: Policy, prompts: list[str], sampling: SamplingConfig, *, group_size: int = 1,
-             greedy: bool = False, generator: torch.Generator | None = None) -> Rollout:
+             greedy: bool = False, generator: torch.Generator | None = None,
+             scaffold: Scaffold | None = None) -> Rollout:
     stop = StopStrings(policy.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
     policy.model.eval()  # sampling: no dropout; the KV cache is used (trap 10)
     with policy.autocast():
         return sample(policy.model, encode_prompts(policy.tokenizer, prompts), group_size=group_size,
                       max_new_tokens=sampling.max_new_tokens, eos_ids=policy.eos_ids, pad_id=policy.pad_id,
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                      greedy=greedy, generator=generator, stop=stop,
+                      greedy=greedy, generator=generator, stop=stop, scaffold=scaffold,
                       sync_every=1 if policy.device.type == "cpu" else 8)
 
 
@@ -237,6 +238,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(full_config if full_config is not None else
                 _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
+    record = RunRecord(run_dir, resumed=bool(run.resume))  # run.json: the command line and the wall time
     torch.manual_seed(run.seed)
     random.seed(run.seed)
 
@@ -386,6 +388,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
     log.plot()
     log.close()
+    record.finish(steps=cfg.steps)
     return run_dir
 
 

@@ -4,6 +4,7 @@ import json
 from experiments.coldstart import ReconeConfig, copy_overlap
 from experiments.recone import run_recone
 from grpo.config import load_config
+from prompts import parse_completion
 
 
 def test_copy_overlap():
@@ -68,7 +69,7 @@ def test_self_teacher_writes_one_line_per_example_and_resumes(tmp_path, data_dir
                     "--out", str(data), "--max-train", "8", "--max-val", "2", "--max-test", "2", "--quiet"]) == 0
     cfg = load_config(ReconeConfig, "experiments/configs/smoke.yaml",
                       [f"task.data_dir={data}", "task.one_shot=turn", "coldstart.samples_per_example=2",
-                       "coldstart.batch_examples=2"])
+                       "coldstart.batch_examples=2", "coldstart.scaffold=false"])
     task = RecTask(cfg.task, default_tokenizer)
     examples = task.examples("train")[:3]
     out = tmp_path / "traces.jsonl"
@@ -79,6 +80,21 @@ def test_self_teacher_writes_one_line_per_example_and_resumes(tmp_path, data_dir
     assert stats["rejected_format"] == 3
     again = self_traces(cfg, examples, out)
     assert again["skipped"] == 3 and len(out.read_text().splitlines()) == 3  # nothing asked twice
+
+    # With the scaffold the decoder writes the tags, so even a random model's traces are well formed; a
+    # wide tolerance keeps them all (their digits are random), and each parses under the strict rule.
+    cfg.coldstart.scaffold, cfg.coldstart.tolerance, cfg.coldstart.min_words = True, 4.0, 1
+    cfg.coldstart.section_tokens = [6, 6, 6, 1]
+    cfg.task.prefill = "<analyze user>\n"
+    task = RecTask(cfg.task, default_tokenizer)
+    out2 = tmp_path / "scaffolded.jsonl"
+    stats = self_traces(cfg, examples, out2)
+    lines = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert stats["kept"] == 3 and stats["rejected_format"] == 0
+    for record in lines:
+        assert not record["completion"].startswith("<analyze user>")  # stored after the prefill
+        parsed = parse_completion(cfg.task.prefill + record["completion"], template="tbr")
+        assert parsed.format_ok and parsed.rating in {1.0, 2.0, 3.0, 4.0, 5.0}, record["completion"]
 
     hinted = _hint_prompt(task, examples[0])
     plain = task.prompt(examples[0])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from grpo.sampler import StopStrings, filter_logits, left_pad, sample
+from grpo.sampler import Scaffold, StopStrings, filter_logits, left_pad, sample
 
 PAD = 0
 EOS = 1
@@ -145,3 +145,66 @@ def test_sampler_stops_rows_on_a_stop_string():
     assert kept.endswith(target) and target not in kept[:-1]
     assert not stopped.truncated[0]
 
+
+
+class _AsciiTokenizer:
+    """One token per character (id = code point), enough for headings like '<a>'."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _texts(rollout):
+    return [_AsciiTokenizer().decode(ids[: int(m.sum())].tolist())
+            for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+def test_scaffold_writes_headings_around_the_models_own_text():
+    model = tiny_model(vocab_size=128)
+    scaffold = Scaffold(_AsciiTokenizer(), [("<a>", "</a>"), ("<b>", "</b>")], budgets=[5, 3])
+    r = sample(model, [[60, 97, 62, 10], [60, 97, 62, 10, 120]], group_size=2, max_new_tokens=40, eos_ids=[EOS],
+               pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(3), scaffold=scaffold)
+    for row, text in enumerate(_texts(r)):
+        # a random model writes neither closing tag, so every body is cut at its budget
+        body_a, rest = text[:5], text[5:]
+        assert rest[:9] == "\n</a>\n<b>" and rest[9] == "\n"
+        assert rest[13:] == "\n</b>", text
+        assert not r.truncated[row]
+        sampled = r.completion_ids[row, :5]
+        assert not torch.isin(sampled, torch.tensor([EOS])).any()  # EOS is never drawn inside a section
+    # forced tokens carry the model's log-probs like sampled ones (finite, <= 0)
+    assert torch.isfinite(r.logp).all() and (r.logp <= 0).all()
+
+
+def test_scaffold_lets_the_model_close_a_section_itself():
+    model = tiny_model(vocab_size=128)
+    # an LM head that always says ">" (62): with sections ("<x>", ">") the model closes each section itself
+    head = torch.nn.Linear(32, 128, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[62] = 50.0
+    model.lm_head = head
+    scaffold = Scaffold(_AsciiTokenizer(), [("<x>", ">"), ("<y>", ">")], budgets=[10, 10])
+    r = sample(model, [[1, 2]], group_size=1, max_new_tokens=30, eos_ids=[EOS], pad_id=PAD, greedy=True,
+               scaffold=scaffold)
+    assert _texts(r) == [">\n<y>\n>"]  # closed by the model at once, opening forced, closed again: done
+    assert not r.truncated[0]
+
+
+def test_scaffold_restricts_a_section_to_allowed_tokens():
+    model = tiny_model(vocab_size=128)
+    digits = [ord(d) for d in "12345"]
+    scaffold = Scaffold(_AsciiTokenizer(), [("<a>", "</a>"), ("<r>", "</r>")], budgets=[4, 1],
+                        allowed=[None, digits])
+    r = sample(model, [[60, 97, 62, 10]] * 3, group_size=4, max_new_tokens=30, eos_ids=[EOS], pad_id=PAD,
+               temperature=1.0, generator=torch.Generator().manual_seed(5), scaffold=scaffold)
+    ratings = set()
+    for text in _texts(r):
+        head, _, rest = text.partition("<r>\n")
+        assert rest[1:] == "\n</r>" and rest[0] in "12345", text
+        ratings.add(rest[0])
+    assert len(ratings) > 1  # drawn from the model, not fixed
