@@ -30,11 +30,16 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    task = RecTask(cfg.task, tokenizer)
-    run_dir = train(cfg.model, cfg.sampling, cfg.grpo, cfg.run, task, full_config=cfg)
+    run_dir = run_experiment(cfg)
     print(f"run folder: {run_dir}")
     return 0
+
+
+def run_experiment(cfg: ExperimentConfig):
+    """Train RecZero-style GRPO with a resolved config; returns the run folder (what `main` runs)."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    task = RecTask(cfg.task, tokenizer)
+    return train(cfg.model, cfg.sampling, cfg.grpo, cfg.run, task, full_config=cfg)
 
 
 if __name__ == "__main__":
