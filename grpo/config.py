@@ -63,6 +63,9 @@ class GRPOConfig:
     """Policy updates per rollout batch. 1 = on-policy (old log-probs are the detached current ones)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward; gradients accumulate over micro-batches with one global denominator."""
+    micro_batch_tokens: int = 0
+    """If > 0, size micro-batches by tokens instead: consecutive sequences while rows x (longest prompt +
+    longest completion among them) stays within this budget (micro_batch_size is then unused). 0 = off."""
     lr: float = 1e-6
     """AdamW learning rate after warm-up."""
     warmup_steps: int = 0

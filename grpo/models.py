@@ -116,7 +116,8 @@ def build_random_model(values: dict, vocab_size: int, seed: int = 0, dtype: str 
     model_type = values.pop("model_type", "qwen2")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **(special_ids or {}), **values)
     dev = pick_device(device)
-    with torch.random.fork_rng(devices=[]):
+    # Initialised on the target device (a 7B model's random init takes minutes on a CPU, seconds on a GPU).
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
     return model.to(dev).eval()

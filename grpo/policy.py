@@ -9,6 +9,7 @@ Shapes: N rows, P prompt length (left-padded), T completion length (right-padded
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from grpo.functional import logprobs_from_hidden
 from grpo.sampler import positions_from_mask
@@ -37,8 +38,16 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     values are shared by its rows, gradient included, instead of running the same prompt G times: the
     same numbers (a test checks values and gradients), for B*P + N*T tokens of work instead of N*(P + T).
     """
-    P = prompt_ids.shape[1]
     T = completion_ids.shape[1]
+    # Run only the columns some row uses: a micro-batch of short rows runs a short tensor. Exact: what is
+    # dropped is left padding of every prompt and right padding of every completion (positions come from
+    # the mask, and causality keeps right padding out of earlier tokens). The result is padded back to T.
+    first = int(prompt_mask.bool().any(0).long().argmax())  # the first column with a real prompt token
+    used = completion_mask.bool().any(0)  # (T,)
+    width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1  # completion columns in use
+    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]  # (N, P')
+    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]  # (N, T')
+    P = prompt_ids.shape[1]
     body = model.get_decoder()  # the transformer without its LM head
     if prompt_index is not None and not getattr(body, "gradient_checkpointing", False):
         hidden = _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
@@ -49,10 +58,11 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
                       use_cache=False).last_hidden_state  # (N, P + T, H)
         # The hidden state at position j predicts token j + 1 (trap 3): completion token t sits at P + t,
         # so it is predicted from position P + t - 1.
-        hidden = hidden[:, P - 1:P + T - 1, :]  # (N, T, H)
+        hidden = hidden[:, P - 1:P + width - 1, :]  # (N, T', H)
     head = model.get_output_embeddings()
-    return logprobs_from_hidden(hidden, head.weight, completion_ids, temperature=temperature,
-                                chunk_tokens=chunk_tokens, lm_head_bias=getattr(head, "bias", None))  # (N, T)
+    logp = logprobs_from_hidden(hidden, head.weight, completion_ids, temperature=temperature,
+                                chunk_tokens=chunk_tokens, lm_head_bias=getattr(head, "bias", None))  # (N, T')
+    return F.pad(logp, (0, T - logp.shape[1]))  # (N, T): zeros in the trimmed columns
 
 
 def _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index):

@@ -196,6 +196,28 @@ def _nanmean(values) -> float:
 # ----------------------------------------------------------------------------------------------------
 # One optimizer step's worth of gradients
 # ----------------------------------------------------------------------------------------------------
+def plan_micro_batches(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, rows_per_batch: int,
+                       token_budget: int = 0) -> list[slice]:
+    """Consecutive row ranges, one forward/backward each: `rows_per_batch` rows, or with `token_budget` > 0
+    as many rows as fit rows x (longest prompt + longest completion among them) <= token_budget, the size
+    of the tensor `completion_logprobs` runs once it has trimmed the padding (a row over budget goes alone).
+    Memory then follows the tokens, not the row count: many short completions share one pass."""
+    N = prompt_mask.shape[0]
+    if token_budget <= 0:
+        return [slice(i, i + rows_per_batch) for i in range(0, N, rows_per_batch)]
+    prompt_len = prompt_mask.sum(-1).tolist()  # (N,) real prompt tokens per row
+    completion_len = completion_mask.sum(-1).tolist()  # (N,)
+    batches, start, longest_p, longest_c = [], 0, 0, 0
+    for row in range(N):
+        p, c = max(longest_p, prompt_len[row]), max(longest_c, completion_len[row])
+        if row > start and (row - start + 1) * (p + c) > token_budget:
+            batches.append(slice(start, row))
+            start, p, c = row, prompt_len[row], completion_len[row]
+        longest_p, longest_c = p, c
+    batches.append(slice(start, N))
+    return batches
+
+
 def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advantages: torch.Tensor,
                                 mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                                 cfg: GRPOConfig, max_completion_len: int) -> dict[str, float]:
@@ -308,7 +330,8 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         if cfg.mask_truncated:  # a cut-off answer is not evidence of a wrong one (trap 8)
             mask = mask_truncated(mask, rollout.truncated)
         total_tokens = mask.sum().clamp(min=1.0)  # tokens that carry loss this step (for the per-token metrics)
-        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, B * G, cfg.micro_batch_size)]
+        micro_batches = plan_micro_batches(rollout.prompt_mask, rollout.completion_mask, cfg.micro_batch_size,
+                                           cfg.micro_batch_tokens)
 
         def logprobs_of(m, rows: slice) -> torch.Tensor:  # (n, T) at the sampling temperature (trap 1)
             with policy.autocast():

@@ -51,3 +51,114 @@ def test_smoke_training_run_on_cuda(tmp_path, data_dir, default_tokenizer):
     run_dir = train(cfg.model, cfg.sampling, cfg.grpo, cfg.run, RecTask(cfg.task, default_tokenizer), full_config=cfg)
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward/mean" in r]
     assert len(rows) == 3 and all(r["grad/norm"] == r["grad/norm"] for r in rows)
+
+
+# ---- the CUDA-graph decode path (grpo/decode.py) against the eager one and against HF ----------------------
+def _ragged(n_prompts=4, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9, 4, 6, 11)[:n_prompts]]
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Records the batch size of every successful capture of the decode step."""
+    from grpo.decode import SlotDecoder
+
+    sizes = []
+    original = SlotDecoder._capture
+
+    def capture(self):
+        ok = original(self)
+        if ok:
+            sizes.append(self._inputs[0].shape[0])
+        return ok
+
+    monkeypatch.setattr(SlotDecoder, "_capture", capture)
+    return sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decode_gives_the_eager_tokens_and_logprobs(dtype, captures):
+    model = tiny_model(initializer_range=0.5).to("cuda", dtype)
+    prompts = _ragged(8)
+    runs = {graphs: sample(model, prompts, group_size=3, max_new_tokens=24, eos_ids=[], pad_id=0, greedy=True,
+                           sync_every=4, cuda_graphs=graphs) for graphs in (False, True)}
+    assert captures == [24]  # one capture (8 prompts x 3), replayed for every step
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    assert torch.allclose(runs[True].logp, runs[False].logp, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_graph_decode_matches_hf_generate(captures):
+    model = tiny_model(initializer_range=0.5).cuda()
+    prompts = _ragged(4)
+    ours = sample(model, prompts, group_size=1, max_new_tokens=20, eos_ids=[], pad_id=0, greedy=True, sync_every=8)
+    assert captures, "the CUDA graph path was not taken"
+    ids, mask = left_pad(prompts, 0, "cuda")
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                        eos_token_id=None, min_new_tokens=20)[:, ids.shape[1]:]
+    assert torch.equal(ours.completion_ids, hf)
+
+
+def test_graph_decode_drops_finished_rows_into_smaller_captured_batches(captures):
+    model = tiny_model(initializer_range=0.5).cuda()  # as tests/test_sampler.py's CPU twin of this test
+    prompts = _ragged(8, seed=1)
+    free = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[], pad_id=0, greedy=True)
+    counts = {}
+    for tok in free.completion_ids.unique().tolist():  # the token whose first occurrence is most spread out
+        firsts = {int((row == tok).nonzero()[0]) if (row == tok).any() else 99 for row in free.completion_ids}
+        counts[tok] = len(firsts)
+    eos = max(counts, key=counts.get)
+    captures.clear()
+    kept = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=0, greedy=True,
+                  sync_every=2, compact=False)
+    dropped = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=0, greedy=True,
+                     sync_every=2, compact=True)
+    assert len(captures) > 2 and captures[0] == 16 and captures[-1] < 16  # compact=False: one; True: more
+    assert torch.equal(dropped.completion_ids, kept.completion_ids)
+    assert torch.equal(dropped.completion_mask, kept.completion_mask)
+    assert torch.allclose(dropped.logp, kept.logp, atol=1e-5)
+
+
+def test_graph_decode_logprobs_match_the_training_forward_in_bf16(captures):
+    from grpo.policy import completion_logprobs
+
+    model = tiny_model().to("cuda", torch.bfloat16)
+    r = sample(model, _ragged(4), group_size=4, max_new_tokens=16, eos_ids=[1], pad_id=0, sync_every=8,
+               generator=torch.Generator(device="cuda").manual_seed(0))
+    assert captures
+    logp = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    m = r.completion_mask.bool()
+    assert (logp[m] - r.logp[m]).abs().max().item() < 0.1
+
+
+def test_no_graphs_under_autocast_and_a_clean_fallback_when_capture_fails(monkeypatch):
+    import grpo.decode as decode
+
+    model = tiny_model().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not decode.make_decoder(model, "static", 8, 8, None).uses_graphs
+    # a capture that fails: the call finishes eagerly with the same tokens, and later calls skip graphs
+    monkeypatch.setattr(decode, "_graphs_broken", False)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("no graphs")))
+    prompts = _ragged(4)
+    with pytest.warns(UserWarning, match="CUDA graph capture"):
+        broken = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[], pad_id=0, greedy=True)
+    eager = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[], pad_id=0, greedy=True,
+                   cuda_graphs=False)
+    assert torch.equal(broken.completion_ids, eager.completion_ids)
+    assert decode._graphs_broken
+
+
+def test_bench_runs_on_cuda(tmp_path):
+    import json
+
+    from experiments.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--preset", "gpu-small", "--quick", "--device", "cuda", "--hf-static", "off",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sampler"]["ours"]["status"] == "ok" and report["sampler"]["ours_no_graphs"]["status"] == "ok"
+    assert report["logprob_check"]["within_tolerance"]
+    assert report["train"]["measures_on"]["status"] == "ok" and "peak_gib" in report["train"]["measures_on"]
+    assert report["summary"]["ratio"] > 0

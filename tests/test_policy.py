@@ -86,3 +86,65 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients():
         assert torch.allclose(base[m], shared[m], atol=1e-5)
         for a, b in zip(base_grads, shared_grads):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_token_budget_micro_batches_pack_rows_by_their_real_length():
+    from grpo.train import plan_micro_batches
+
+    prompt_mask = torch.tensor([[0, 0, 1, 1]] * 3 + [[1, 1, 1, 1]] * 3)  # prompts of 2, 2, 2, 4, 4, 4 tokens
+    completion_mask = torch.tensor([[1, 0, 0]] * 3 + [[1, 1, 1]] * 3).float()  # completions of 1 and 3 tokens
+    assert plan_micro_batches(prompt_mask, completion_mask, 4) == [slice(0, 4), slice(4, 8)]
+    # budget 9: rows 0-2 cost 3 x (2 + 1) = 9; row 3 alone costs 7, with row 4: 2 x 7 = 14 > 9
+    assert plan_micro_batches(prompt_mask, completion_mask, 4, token_budget=9) == \
+        [slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)]
+    assert plan_micro_batches(prompt_mask, completion_mask, 4, token_budget=5) == \
+        [slice(i, i + 1) for i in range(6)]  # a row over budget goes alone
+    assert plan_micro_batches(prompt_mask, completion_mask, 4, token_budget=100) == [slice(0, 6)]
+
+
+def test_token_budget_micro_batches_give_the_full_batch_gradient():
+    from grpo.train import plan_micro_batches
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    r = sample(model, prompts, group_size=3, max_new_tokens=10, eos_ids=list(range(2, 30)), pad_id=1,
+               temperature=1.3, generator=torch.Generator().manual_seed(5))  # many EOS ids: ragged lengths
+    N = r.completion_ids.shape[0]
+    assert r.completion_lengths.min() < r.completion_lengths.max()  # ragged: the trimming has work to do
+    advantages = torch.linspace(-1.5, 1.5, N)
+    cfg = GRPOConfig(loss_agg="token_mean", beta=0.1)
+    ref_logp = r.logp + 0.3 * torch.randn(r.logp.shape, generator=torch.Generator().manual_seed(2))
+
+    def grads(batches):
+        model.zero_grad(set_to_none=True)
+        sums = accumulate_policy_gradients(
+            lambda rows: completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                                             r.completion_mask[rows], prompt_index=r.prompt_index[rows]),
+            batches, advantages, r.completion_mask, None, ref_logp, cfg, max_completion_len=10)
+        return [p.grad.clone() for p in model.parameters()], sums
+
+    full, full_sums = grads([slice(0, N)])
+    for budget in (12, 30, 60):
+        batches = plan_micro_batches(r.prompt_mask, r.completion_mask, N, token_budget=budget)
+        assert len(batches) > 1
+        split, sums = grads(batches)
+        assert abs(sums["loss"] - full_sums["loss"]) < 1e-5 and abs(sums["kl"] - full_sums["kl"]) < 1e-4
+        for a, b in zip(full, split):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_completion_logprobs_trims_padding_without_changing_a_value():
+    model = tiny_model()
+    r = _rollout(model)
+    # widen the batch with columns no row uses: extra left padding and extra right padding
+    T = r.completion_ids.shape[1]
+    prompt_ids = torch.cat([torch.ones(len(r.prompt_ids), 5, dtype=torch.long), r.prompt_ids], 1)
+    prompt_mask = torch.cat([torch.zeros(len(r.prompt_ids), 5, dtype=torch.long), r.prompt_mask], 1)
+    completion_ids = torch.cat([r.completion_ids, torch.ones(len(r.prompt_ids), 4, dtype=torch.long)], 1)
+    completion_mask = torch.cat([r.completion_mask, torch.zeros(len(r.prompt_ids), 4)], 1)
+    wide = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    narrow = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    assert wide.shape == (len(r.prompt_ids), T + 4) and (wide[:, T:] == 0).all()
+    m = r.completion_mask.bool()
+    assert torch.allclose(wide[:, :T][m], narrow[m], atol=1e-6)

@@ -208,3 +208,125 @@ def test_scaffold_restricts_a_section_to_allowed_tokens():
         assert rest[1:] == "\n</r>" and rest[0] in "12345", text
         ratings.add(rest[0])
     assert len(ratings) > 1  # drawn from the model, not fixed
+
+
+# ---- the decode engines (grpo/decode.py): our slot cache against Hugging Face's paths -----------------------
+TINY_LLAMA = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True)
+
+
+def test_the_static_path_uses_our_slot_decoder_for_llama_and_qwen2():
+    from grpo.decode import HFDecoder, SlotDecoder, make_decoder
+
+    assert isinstance(make_decoder(tiny_model(), "static", 8, 8, None), SlotDecoder)
+    assert isinstance(make_decoder(tiny_model(**TINY_LLAMA), "static", 8, 8, None), SlotDecoder)
+    assert isinstance(make_decoder(tiny_model(), "dynamic", 8, 8, None), HFDecoder)
+    assert not make_decoder(tiny_model(), "static", 8, 8, None).uses_graphs  # CPU: eager
+
+
+def test_slot_decoder_matches_hf_generate_on_a_llama_with_grouped_query_attention():
+    model = tiny_model(**TINY_LLAMA)  # 6 query heads share 2 key/value heads (r = 3)
+    prompts = ragged_prompts()
+    ours = sample(model, prompts, group_size=2, max_new_tokens=16, eos_ids=[], pad_id=PAD, greedy=True)
+    ids, mask = left_pad(prompts, PAD)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                        pad_token_id=PAD, eos_token_id=None, min_new_tokens=16)[:, ids.shape[1]:]
+    assert torch.equal(ours.completion_ids[::2], hf) and torch.equal(ours.completion_ids[1::2], hf)
+    assert not ours.completion_mask.eq(0).any()  # no EOS id: every row runs to the end
+
+
+def _first_token_per_row_position(completions: torch.Tensor) -> int:
+    """A token id that appears in some rows early, in others late or never: an EOS that ends rows unevenly."""
+    best, spread = None, -1
+    for tok in completions.unique().tolist():
+        firsts = [(row == tok).nonzero()[0].item() if (row == tok).any() else completions.shape[1]
+                  for row in completions]
+        if len(set(firsts)) > spread:
+            best, spread = tok, len(set(firsts))
+    return best
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_dropping_finished_rows_changes_no_token(sync_every, monkeypatch):
+    from grpo.decode import SlotDecoder
+
+    sizes = []
+    original = SlotDecoder.compact
+    monkeypatch.setattr(SlotDecoder, "compact", lambda self, keep: (sizes.append(len(keep)), original(self, keep)))
+    model = tiny_model(initializer_range=0.5)  # large weights: greedy rows wander instead of repeating a token
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9, 4, 6, 11)]
+    free = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[], pad_id=PAD, greedy=True)
+    eos = _first_token_per_row_position(free.completion_ids)
+    kept = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
+                  sync_every=sync_every, compact=False)
+    dropped = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
+                     sync_every=sync_every, compact=True)
+    lengths = kept.completion_lengths
+    assert lengths.min() < lengths.max()  # rows really end at different steps
+    assert sizes and sizes == sorted(sizes, reverse=True)  # the batch shrank, in power-of-two buckets
+    assert all(n & (n - 1) == 0 for n in sizes)
+    assert torch.equal(dropped.completion_ids, kept.completion_ids)
+    assert torch.equal(dropped.completion_mask, kept.completion_mask)
+    assert torch.allclose(dropped.logp, kept.logp, atol=1e-5)
+    for row in range(free.completion_ids.shape[0]):  # and both are the free run cut after its first EOS
+        n = int(kept.completion_mask[row].sum())
+        assert kept.completion_ids[row, :n].tolist() == free.completion_ids[row, :n].tolist()
+
+
+def test_logprobs_match_a_full_forward_after_rows_were_dropped():
+    model = tiny_model()
+    prompts = ragged_prompts()
+    gen = torch.Generator().manual_seed(5)
+    r = sample(model, prompts, group_size=4, max_new_tokens=20, eos_ids=list(range(2, 40)), pad_id=PAD,
+               temperature=0.8, generator=gen)  # many EOS ids: rows end early, at different steps
+    assert r.completion_lengths.min() < r.completion_lengths.max()
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    ref = torch.log_softmax(logits[:, P - 1:P + T - 1] / 0.8, -1).gather(-1, r.completion_ids[..., None])[..., 0]
+    m = r.completion_mask.bool()
+    assert torch.allclose(r.logp[m], ref[m], atol=1e-4)
+    assert (r.completion_ids[~m] == PAD).all()
+
+
+def test_stop_strings_checked_every_few_steps_end_rows_where_checking_every_step_does():
+    model = tiny_model(vocab_size=26)
+    prompts = [[2, 3, 4], [5, 6], [7, 8, 9, 10]]
+    free = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True)
+    text = _CharTokenizer().decode(free.completion_ids[0].tolist())
+    stop = StopStrings(_CharTokenizer(), [text[4:6]])
+    every = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
+                   stop=stop, sync_every=1)
+    later = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
+                   stop=stop, sync_every=5)
+    T = every.completion_ids.shape[1]
+    assert torch.equal(later.completion_mask[:, :T], every.completion_mask)
+    assert torch.equal(later.completion_ids[:, :T], every.completion_ids)
+    assert torch.equal(later.truncated, every.truncated) and not every.truncated[0]
+    assert later.completion_mask[:, T:].sum() == 0 and (later.completion_ids[:, T:] == 0).all()
+
+
+def test_static_cache_under_cpu_bf16_autocast_tracks_the_training_forward():
+    from grpo.policy import completion_logprobs
+
+    model = tiny_model()
+    prompts = ragged_prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
+        ref = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    m = r.completion_mask.bool()
+    assert (r.logp[m] - ref[m]).abs().max() < 0.1  # bf16 tolerance: the decode step and the full forward differ
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
+    from grpo.sampler import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    tokens = draw(probs.expand(40000, 5), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5).float() / 40000
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs, atol=0.01)  # 4 sigma of a binomial at n = 40000 is ~0.01

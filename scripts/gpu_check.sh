@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One prepared GPU check: the CUDA tests, then `experiments.bench` on the gpu-small and gpu-7b presets.
+#
+#   OUT=/some/folder bash scripts/gpu_check.sh        # results and logs go to $OUT (default runs/gpu_check)
+#
+# Sized for ~8 minutes of wall time in all (GPU_CHECK_BUDGET_S, default 470 s): every stage runs under its own
+# `timeout`, capped by what is left of the budget, and a stage that fails or times out does not stop the
+# next. Each bench writes its JSON after every stage, so even a stage killed mid-way leaves its figures.
+# Needs python3 with a CUDA build of torch and transformers (run from the repository root; nothing to install).
+#
+# What is cut to fit the budget (the README says so next to the figures):
+# - gpu-7b runs with --reps 2 and, unless at least GPU_CHECK_7B_STATIC_S (330 s) are left when it starts,
+#   --hf-static off: HF's static cache compiles the 7B forward for ~153 s on an H200 and was the slower HF mode
+#   there (1,535 vs 2,833 tokens/s), so the baseline is HF's dynamic cache either way.
+# - gpu-small's HF static mode gets --hf-timeout 100 (its compile took ~44 s on an H200).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+STATIC_7B_NEEDS="${GPU_CHECK_7B_STATIC_S:-330}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+START=$(date +%s)
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# stage NAME CAP_S COMMAND...: run under timeout min(CAP_S, time left), log to $OUT/NAME.log, never abort
+stage() {
+    local name="$1" cap="$2"; shift 2
+    local limit; limit=$(left)
+    (( cap < limit )) && limit=$cap
+    if (( limit < 20 )); then
+        echo "=== $name: skipped, ${limit}s left of the ${BUDGET}s budget" | tee "$OUT/$name.log"
+        return 0
+    fi
+    echo "=== $name (limit ${limit}s, $(left)s of budget left): $*"
+    local t0; t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.log"
+    return 0
+}
+
+{
+    echo "date: $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+    "$PY" -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+} | tee "$OUT/env.txt"
+
+# 1. the CUDA paths (graph vs eager vs HF generate, compaction, fallback) and the CPU sampler/policy tests
+stage tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sampler.py tests/test_policy.py
+
+# 2. gpu-small: SmolLM2-135M shape, 256 rows; both HF modes
+stage gpu-small 170 "$PY" -m experiments.bench --preset gpu-small --hf-timeout 100 --out "$OUT/gpu-small.json"
+
+# 3. gpu-7b: Qwen2.5-7B shape, 64 rows; HF static only if the budget allows its ~153 s compile
+if (( $(left) >= STATIC_7B_NEEDS )); then
+    STATIC_7B=(--hf-static on --hf-timeout $(( $(left) - 120 )))
+else
+    STATIC_7B=(--hf-static off)
+fi
+stage gpu-7b 300 "$PY" -m experiments.bench --preset gpu-7b --reps 2 "${STATIC_7B[@]}" --out "$OUT/gpu-7b.json"
+
+# the headline figures, as one block at the end of the output
+"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+for name in ("gpu-small", "gpu-7b"):
+    path = Path(sys.argv[1]) / f"{name}.json"
+    if not path.exists():
+        print(f"{name}: no results")
+        continue
+    r = json.loads(path.read_text())
+    s = r.get("sampler", {})
+    tps = {k: v.get("tokens_per_s", v.get("status")) for k, v in s.items()}
+    print(f"{name}: {tps}")
+    print(f"  summary: { {k: v for k, v in r.get('summary', {}).items() if k != 'lines'} }")
+    print(f"  logprob_check: {r.get('logprob_check')}")
+    t = r.get("train", {})
+    for k in ("measures_on", "measures_off"):
+        if k in t:
+            print(f"  update {k}: {t[k].get('tokens_per_s', t[k].get('status'))} tokens/s, peak {t[k].get('peak_gib')} GiB")
+EOF
+echo "total: $(( $(date +%s) - START ))s of ${BUDGET}s"
