@@ -80,7 +80,31 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (n, V), with probability softmax(logits) (a -inf logit is never drawn).
+
+    The same distribution on every device, by the method that is cheap there: on a CPU the inverse of the
+    cumulative distribution (n random numbers); on a GPU the Gumbel-max trick (n*V random numbers, but every
+    step of it is one parallel pass, where the cumulative sum is a sequential scan per row)."""
+    if logits.device.type == "cpu":
+        return draw_inverse_cdf(F.softmax(logits, -1), generator)
+    return draw_gumbel_max(logits, generator)
+
+
+def draw_gumbel_max(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """argmax_i (logits_i + G_i) with G_i = -log E_i, E_i ~ Exp(1) independent: token i with probability
+    softmax(logits)_i exactly (the Gumbel-max trick; the "exponential race" argmin_i E_i / p_i).
+
+    The noise is float64. In float32 it would not be exact enough: torch's float32 Exp(1) draws are >= 2^-24
+    and <= ~22, which caps the noise near 16.6 and floors it near -3.1, so a token ~20 nats below the best one
+    can never win, while the probability of such tokens, summed over a 152k vocabulary, can reach ~4e-4. In
+    float64 the cap is ~36.7 and what is lost is below 1e-12 per draw. (n, V) -> (n,)"""
+    noise = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)  # (n, V)
+    noise.exponential_(generator=generator).log_()  # log E; torch's Exp(1) draws are > 0, so this is finite
+    return (logits - noise).argmax(-1)  # (n,) float32 - float64 -> float64 scores
+
+
+def draw_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from probs (n, V), by inverting the cumulative distribution with one uniform per row.
 
     The same distribution as torch.multinomial(probs, 1), for n random numbers instead of the n*V
@@ -247,33 +271,36 @@ def sample(
     if scaffold is not None:
         scaffold.reset(N)
     for t in range(max_new_tokens):
-        logits = next_logits.to(torch.float32, copy=True)  # (n, V) a copy: a CUDA graph reuses its output
+        # (n, V) float32. No copy where it already is (a CUDA graph's output buffer: every read below is queued
+        # before the next step's replay overwrites it); nothing below writes into it in place.
+        logits = next_logits.float()
         if scaffold is not None:  # a scaffolded row ends with its last section, never with an early EOS
+            logits = logits.clone()  # edited in place
             logits[:, eos] = float("-inf")
             free = [r for r in (~finished).nonzero().flatten().tolist() if r not in forced]
             for row, ids in scaffold.constrained_rows(free).items():  # e.g. a rating section: digits only
                 only = torch.full_like(logits[row], float("-inf"))
                 only[ids] = 0.0
                 logits[row] = logits[row] + only
+        if not greedy and temperature != 1.0:
+            logits = logits / temperature
+        logprobs = torch.log_softmax(logits, -1)  # (n, V) the distribution the trainer scores (greedy: T = 1)
         if greedy:
             token = logits.argmax(-1)  # (n,)
-            token_logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)  # (n,)
         else:
-            logits = logits / temperature
-            logprobs = torch.log_softmax(logits, -1)  # (n, V) the distribution the trainer scores
-            allowed = filter_logits(logits, top_k, top_p)  # (n, V) which tokens may be drawn
-            token = draw(F.softmax(allowed, -1), generator)  # (n,)
-            token_logp = logprobs.gather(-1, token[:, None]).squeeze(-1)  # (n,)
+            allowed = filter_logits(logits, top_k, top_p)  # (n, V) which tokens may be drawn (the same tensor
+            token = draw(allowed, generator)  # (n,)           when neither top-k nor top-p is set)
+        token_logp = logprobs.gather(-1, token[:, None]).squeeze(-1)  # (n,)
         if forced:  # scaffold (slots are rows): these rows take their next heading token instead of a sample
             rows = list(forced)
             ids = torch.tensor([forced[r].pop(0) for r in rows], device=device)
             token[rows] = ids
-            token_logp[rows] = torch.log_softmax(logits[rows], -1).gather(-1, ids[:, None]).squeeze(-1)
+            token_logp[rows] = logprobs[rows].gather(-1, ids[:, None]).squeeze(-1)
             forced = {r: q for r, q in forced.items() if q}
         slot_done = finished[slot_rows]  # (n,)
-        token = torch.where(slot_done, torch.full_like(token, pad_id), token)  # finished rows emit pad
+        token = token.masked_fill(slot_done, pad_id)  # finished rows emit pad
         completion_ids[slot_rows, t] = token
-        logp[slot_rows, t] = torch.where(slot_done, torch.zeros_like(token_logp), token_logp)
+        logp[slot_rows, t] = token_logp.masked_fill(slot_done, 0.0)
         steps_done = t + 1
 
         newly_done = torch.zeros_like(finished)  # (N,)
@@ -297,7 +324,7 @@ def sample(
             done_rows = [r for r in active if scaffold.finished(r) and r not in forced]
             if done_rows:
                 newly_done[done_rows] = True
-        length = torch.where(newly_done & (length == max_new_tokens), torch.full_like(length, t + 1), length)
+        length = length.masked_fill(newly_done & (length == max_new_tokens), t + 1)
         finished = finished | newly_done
         if last_step:
             break

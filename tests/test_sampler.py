@@ -223,6 +223,8 @@ def test_the_static_path_uses_our_slot_decoder_for_llama_and_qwen2():
     assert isinstance(make_decoder(tiny_model(**TINY_LLAMA), "static", 8, 8, None), SlotDecoder)
     assert isinstance(make_decoder(tiny_model(), "dynamic", 8, 8, None), HFDecoder)
     assert not make_decoder(tiny_model(), "static", 8, 8, None).uses_graphs  # CPU: eager
+    assert make_decoder(tiny_model(), "static", 8, 8, None)._fused_norm  # the one-kernel RMSNorm matches the module
+    assert make_decoder(tiny_model(**TINY_LLAMA), "static", 8, 8, None)._fused_norm
 
 
 def test_slot_decoder_matches_hf_generate_on_a_llama_with_grouped_query_attention():
@@ -322,11 +324,32 @@ def test_static_cache_under_cpu_bf16_autocast_tracks_the_training_forward():
     assert (r.logp[m] - ref[m]).abs().max() < 0.1  # bf16 tolerance: the decode step and the full forward differ
 
 
-def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
-    from grpo.sampler import draw
+@pytest.mark.parametrize("method", ["draw", "draw_inverse_cdf", "draw_gumbel_max"])
+def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token(method):
+    import grpo.sampler as sampler
 
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
-    tokens = draw(probs.expand(40000, 5), torch.Generator().manual_seed(0))
+    logits = probs.log().expand(40000, 5)  # -inf where the probability is 0
+    fn = getattr(sampler, method)
+    tokens = fn(probs.expand(40000, 5) if method == "draw_inverse_cdf" else logits, torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens, minlength=5).float() / 40000
     assert freq[1] == 0 and freq[4] == 0
     assert torch.allclose(freq, probs, atol=0.01)  # 4 sigma of a binomial at n = 40000 is ~0.01
+
+
+def test_gumbel_max_matches_the_exact_softmax_of_shifted_logits_over_a_large_vocabulary():
+    from grpo.sampler import draw_gumbel_max
+
+    # a peaked row over 4,096 tokens, shifted by a large constant (softmax is shift-invariant, so must the draw be)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4096, generator=g) * 2
+    logits[7] += 6.0
+    probs = torch.softmax(logits.double(), -1)  # the exact distribution
+    tokens = draw_gumbel_max((logits + 1000.0).expand(20000, -1), torch.Generator().manual_seed(2))
+    freq = torch.bincount(tokens, minlength=4096).double() / 20000
+    top = probs.argsort(descending=True)[:5]
+    sigma = (probs[top] * (1 - probs[top]) / 20000).sqrt()
+    assert ((freq[top] - probs[top]).abs() <= 4 * sigma + 1e-4).all(), (freq[top], probs[top])
+    rest = torch.ones(4096, dtype=torch.bool)
+    rest[top] = False
+    assert abs(float(freq[rest].sum() - probs[rest].sum())) <= 4 * float((probs[rest].sum() / 20000).sqrt()) + 1e-4
