@@ -15,6 +15,7 @@ model is evaluated with the prompts it was trained on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from experiments.baselines import fit_baselines, load_splits, predict_examples, target_pairs
 from experiments.config import ExperimentConfig, load_experiment
 from experiments.task import RecTask, rating_metrics
-from grpo.config import load_config
+from grpo.config import apply_overrides, build_config, read_config_values
 from grpo.models import load_tokenizer
 from grpo.runlog import write_json
 from grpo.train import greedy_completions, load_policy
@@ -43,8 +44,14 @@ def find_run_config(model: str) -> Path | None:
 
 def resolve_config(model: str, config: str | None, overrides: list[str]) -> tuple[ExperimentConfig, str]:
     source = config or find_run_config(model) or DEFAULT_CONFIG
-    cfg = load_config(ExperimentConfig, source, overrides) if Path(str(source)).name == "config.yaml" \
-        else load_experiment(source, overrides)
+    if Path(str(source)).name == "config.yaml":
+        # A run folder's saved config; a pipeline's (RecOne: coldstart, sft, teacher) carries sections that
+        # say how the run was made, not how to prompt it: keep the ones an experiment has.
+        known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        values = {k: v for k, v in read_config_values(source).items() if k in known}
+        cfg = build_config(ExperimentConfig, apply_overrides(values, overrides))
+    else:
+        cfg = load_experiment(source, overrides)
     cfg.model.name_or_path = model
     cfg.model.random_init = {}
     if not cfg.model.tokenizer or find_run_config(model):

@@ -110,3 +110,18 @@ def test_cli_rejects_unknown_keys(capsys):
     assert coldstart_main(["coldstart.n_exampels=3"]) == 2
     assert "coldstart.n_exampels" in capsys.readouterr().err
     assert recone_main(["sft.epoch=1"]) == 2
+
+
+def test_evaluate_reads_a_recone_stage_config(tmp_path):
+    """A RecOne stage folder's config.yaml has coldstart/sft/teacher sections: evaluate takes its prompt settings."""
+    from experiments.evaluate import resolve_config
+    from grpo.config import save_config
+
+    cfg = load_config(ReconeConfig, "experiments/configs/recone.yaml", ["task.one_shot=inline"])
+    run = tmp_path / "sft"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    got, source = resolve_config(str(run / "checkpoints" / "best"), None, ["task.max_prompt_tokens=512"])
+    assert source == str(run / "config.yaml")
+    assert got.task.one_shot == "inline" and got.task.max_prompt_tokens == 512
+    assert got.model.name_or_path == str(run / "checkpoints" / "best")
