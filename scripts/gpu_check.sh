@@ -13,40 +13,10 @@
 #   --hf-static off: HF's static cache compiles the 7B forward for ~153 s on an H200 and was the slower HF mode
 #   there (1,535 vs 2,833 tokens/s), so the baseline is HF's dynamic cache either way.
 # - gpu-small's HF static mode gets --hf-timeout 100 (its compile took ~44 s on an H200).
-set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/gpu_check}"
-mkdir -p "$OUT"
-BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+OUT_DEFAULT=runs/gpu_check
+BUDGET_DEFAULT=470
+source "$(dirname "$0")/gpu_common.sh"
 STATIC_7B_NEEDS="${GPU_CHECK_7B_STATIC_S:-330}"
-PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-START=$(date +%s)
-
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-
-# stage NAME CAP_S COMMAND...: run under timeout min(CAP_S, time left), log to $OUT/NAME.log, never abort
-stage() {
-    local name="$1" cap="$2"; shift 2
-    local limit; limit=$(left)
-    (( cap < limit )) && limit=$cap
-    if (( limit < 20 )); then
-        echo "=== $name: skipped, ${limit}s left of the ${BUDGET}s budget" | tee "$OUT/$name.log"
-        return 0
-    fi
-    echo "=== $name (limit ${limit}s, $(left)s of budget left): $*"
-    local t0; t0=$(date +%s)
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.log"
-    return 0
-}
-
-{
-    echo "date: $(date -u +%FT%TZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
-    "$PY" -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
-} | tee "$OUT/env.txt"
 
 # 1. the CUDA paths (graph vs eager vs HF generate, compaction, fallback) and the CPU sampler/policy tests
 stage tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_sampler.py tests/test_policy.py

@@ -14,39 +14,9 @@
 #   (2,921.3 tokens/s, --recorded-hf-static): a fair baseline only on an H200, which the summary checks.
 # Every stage runs under `timeout`, capped by what is left of GPU_CHECK_BUDGET_S (default 235 s); a stage that
 # fails or times out does not stop the next, and each bench rewrites its JSON after every stage.
-set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/gpu_check2}"
-mkdir -p "$OUT"
-BUDGET="${GPU_CHECK_BUDGET_S:-235}"
-PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-START=$(date +%s)
-
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-
-# stage NAME CAP_S COMMAND...: run under timeout min(CAP_S, time left), log to $OUT/NAME.log, never abort
-stage() {
-    local name="$1" cap="$2"; shift 2
-    local limit; limit=$(left)
-    (( cap < limit )) && limit=$cap
-    if (( limit < 15 )); then
-        echo "=== $name: skipped, ${limit}s left of the ${BUDGET}s budget" | tee "$OUT/$name.log"
-        return 0
-    fi
-    echo "=== $name (limit ${limit}s, $(left)s of budget left): $*"
-    local t0; t0=$(date +%s)
-    timeout --signal=TERM --kill-after=5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.log"
-    return 0
-}
-
-{
-    echo "date: $(date -u +%FT%TZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
-    "$PY" -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
-} | tee "$OUT/env.txt"
+OUT_DEFAULT=runs/gpu_check2
+BUDGET_DEFAULT=235
+source "$(dirname "$0")/gpu_common.sh"
 
 # 1. the CUDA paths: graph vs eager vs HF generate, compaction, fallback, Gumbel-max draws, the bench on CUDA
 stage tests 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
