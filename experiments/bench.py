@@ -63,7 +63,7 @@ TINY = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidde
 
 PRESETS = {
     "cpu": dict(model="default", shape=None, dtype="float32", device="cpu", prompts=1, group_size=8,
-                prompt_tokens=512, new_tokens=256, reps=1,
+                prompt_tokens=512, new_tokens=256, reps=3,
                 train_prompts=1, train_group=8, train_prompt_tokens=512, train_completion_tokens=256,
                 micro_batch_tokens=3072, train_weights="float32", naive_checkpointing=False,
                 target_ratio=2.0, target_train_gib=None),
@@ -215,14 +215,16 @@ def mode_result(seconds: list[float], tokens: int, device: torch.device, **extra
     return out
 
 
-def bench_ours(model, prompts, s: dict, device, cuda_graphs: bool | None, seed: int):
+def bench_ours(model, prompts, s: dict, device, cuda_graphs: bool | None, seed: int,
+               decode_options: dict | None = None):
     T, G = s["new_tokens"], s["group_size"]
     sync_every = 1 if device.type == "cpu" else 8
 
     def run(new_tokens=T):
         gen = torch.Generator(device=device).manual_seed(seed)
         return sample(model, prompts, group_size=G, max_new_tokens=new_tokens, eos_ids=[], pad_id=0,
-                      temperature=1.0, generator=gen, sync_every=sync_every, cuda_graphs=cuda_graphs)
+                      temperature=1.0, generator=gen, sync_every=sync_every, cuda_graphs=cuda_graphs,
+                      decode_options=decode_options)
 
     # warm-up: kernels, lazy inits and, on CUDA, at full length so the allocator's blocks exist (steady state)
     run() if device.type == "cuda" else run(min(T, 8))
@@ -607,6 +609,8 @@ def main(argv=None) -> int:
                         help="time HF generate with its default (dynamic) cache")
     parser.add_argument("--no-graphs", choices=["on", "off"], default="on",
                         help="on CUDA, also time our sampler with CUDA graphs off")
+    parser.add_argument("--cpu-savings", choices=["on", "off"], default="on",
+                        help="on the CPU, also time our sampler without its split cache and packed weights")
     parser.add_argument("--calibrate", choices=["on", "off"], default="on",
                         help="log-prob check: also run HF's own cached decode against the training forward")
     parser.add_argument("--recorded-hf-static", type=float, default=None, metavar="TOKENS_PER_S",
@@ -658,6 +662,12 @@ def main(argv=None) -> int:
     if device.type == "cuda" and args.no_graphs == "on":
         report["sampler"]["ours_no_graphs"], _ = bench_ours(model, prompts, s, device, False, s["seed"])
         say(f"  ours (no graphs): {report['sampler']['ours_no_graphs']['tokens_per_s']:,.0f} tokens/s")
+        save()
+    if device.type == "cpu" and args.cpu_savings == "on":
+        plain = {"split_cache": False, "packed_weights": False}
+        report["sampler"]["ours_full_cache_unpacked"], _ = bench_ours(model, prompts, s, device, None, s["seed"], plain)
+        say(f"  ours (full slot cache, unpacked weights): "
+            f"{report['sampler']['ours_full_cache_unpacked']['tokens_per_s']:,.0f} tokens/s")
         save()
     report["logprob_check"] = logprob_check(model, rollout, calibrate=args.calibrate == "on")
     for line in logprob_lines(report["logprob_check"]):

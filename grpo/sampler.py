@@ -228,12 +228,15 @@ def sample(
     scaffold: Scaffold | None = None,
     cuda_graphs: bool | None = None,
     compact: bool = True,
+    decode_options: dict | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt (token id lists). The model stays in eval mode.
 
     cache_impl: 'static' (preallocated, grpo/decode.py) or 'dynamic' (Hugging Face's growing cache, the
     reference). cuda_graphs: None = replay the decode step as a CUDA graph where possible (CUDA, no autocast).
     compact: drop finished rows from the decode batch (at sync points, never with a scaffold).
+    decode_options: passed to `grpo.decode.make_decoder` (split_cache, packed_weights: the CPU savings, on by
+    default in float32; set them False to measure what they save).
     An empty `eos_ids` never stops on a token (every row runs to max_new_tokens or a stop string).
     """
     if temperature <= 0 and not greedy:
@@ -248,7 +251,7 @@ def sample(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
     B, P = prompt_ids.shape
     N = B * G
-    decoder = make_decoder(model, cache_impl, P, max_new_tokens, cuda_graphs)
+    decoder = make_decoder(model, cache_impl, P, max_new_tokens, cuda_graphs, **(decode_options or {}))
     next_logits = decoder.prefill(prompt_ids, prompt_mask, G, max_new_tokens)  # (N, V)
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)  # (N, P)
     prompt_mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P)

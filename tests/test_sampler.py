@@ -353,3 +353,91 @@ def test_gumbel_max_matches_the_exact_softmax_of_shifted_logits_over_a_large_voc
     rest = torch.ones(4096, dtype=torch.bool)
     rest[top] = False
     assert abs(float(freq[rest].sum() - probs[rest].sum())) <= 4 * float((probs[rest].sum() / 20000).sqrt()) + 1e-4
+
+
+# ---- the CPU savings of SlotDecoder: split cache (prompt keys once per prompt) and MKL-packed weights ---------
+def _decode_steps(model, prompts, group_size, split, packed, steps=10, compact_at=None, keep=None):
+    """Logits of `steps` decode steps (fixed tokens, so every configuration sees the same inputs), optionally
+    dropping rows (`keep`, in the given order) after step `compact_at`."""
+    from grpo.decode import SlotDecoder
+
+    ids, mask = left_pad(prompts, PAD)
+    decoder = SlotDecoder(model, ids.shape[1], steps, cuda_graphs=False, split_cache=split, packed_weights=packed)
+    with torch.no_grad():
+        outs = [decoder.prefill(ids, mask, group_size, steps)]
+        position = mask.sum(-1).repeat_interleave(group_size)  # (N,)
+        g = torch.Generator().manual_seed(3)
+        token = torch.randint(2, 128, (position.shape[0],), generator=g)
+        for t in range(steps - 1):
+            if t == compact_at:
+                decoder.compact(keep)
+                position, token = position[keep], token[keep]
+            outs.append(decoder.step(token, position, t).clone())
+            position = position + 1
+            token = (token * 7 + t) % 126 + 2
+    return outs, decoder
+
+
+@pytest.mark.parametrize("config", [{}, TINY_LLAMA], ids=["qwen2-with-qkv-bias", "llama"])
+def test_split_cache_and_packed_weights_give_the_full_slot_cache_logits(config):
+    from grpo.decode import packing_possible
+
+    model = tiny_model(initializer_range=0.3, **config)
+    prompts = ragged_prompts()  # left padding: the prompt mask matters
+    reference, _ = _decode_steps(model, prompts, 3, split=False, packed=False)
+    variants = [(True, False)] + ([(False, True), (True, True)] if packing_possible(model) else [])
+    for split, packed in variants:
+        ours, decoder = _decode_steps(model, prompts, 3, split=split, packed=packed)
+        assert decoder.split == split and decoder.pack == packed
+        for a, b in zip(ours, reference):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (split, packed, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash-kernel-with-lse", "explicit-softmax"])
+def test_split_cache_after_dropping_every_row_of_a_prompt_and_shuffling_the_rest(flash, monkeypatch):
+    import grpo.decode
+
+    if flash and grpo.decode._flash_lse is None:
+        pytest.skip("this PyTorch has no CPU flash kernel returning log-sum-exps")
+    if not flash:  # the path taken where the private kernel is missing
+        monkeypatch.setattr(grpo.decode, "_flash_lse", None)
+    model = tiny_model(initializer_range=0.3)
+    prompts = ragged_prompts()  # 4 prompts x 3 rows = 12 rows; row r belongs to prompt r // 3
+    keep = torch.tensor([11, 0, 4, 5, 2, 9, 10, 1])  # prompt 3 loses a row, prompt 1 keeps 2, prompt 2 is gone
+    reference, _ = _decode_steps(model, prompts, 3, split=False, packed=False, compact_at=4, keep=keep)
+    ours, decoder = _decode_steps(model, prompts, 3, split=True, packed=None, compact_at=4, keep=keep)
+    assert decoder.prefix_keys[0].shape[0] == 3  # the prompt no row reads any more was dropped from the cache
+    assert decoder.group_rows == 3 and decoder.grid_index is not None
+    if decoder.pack:
+        assert decoder._packed.rows == 8  # packed again for the smaller batch
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot_apply():
+    from grpo.decode import SlotDecoder, make_decoder, packing_possible
+
+    model = tiny_model()
+    decoder = make_decoder(model, "static", 8, 8, None)
+    assert decoder.split and decoder.pack == packing_possible(model)
+    assert decoder._norm_args  # the float32 RMSNorm in fewer ops was checked against the module and taken
+    plain = make_decoder(model, "static", 8, 8, None, split_cache=False, packed_weights=False)
+    assert not plain.split and not plain.pack and plain._packed is None
+    half = tiny_model().to(torch.bfloat16)
+    assert not packing_possible(half)
+    auto = make_decoder(half, "static", 8, 8, None)
+    assert not auto.split and not auto.pack and not auto._norm_args  # bf16: the full slot cache and SDPA
+    with pytest.raises(ValueError, match="split_cache"):
+        SlotDecoder(half, 8, 8, cuda_graphs=False, split_cache=True)
+    with pytest.raises(ValueError, match="packed_weights"):
+        SlotDecoder(half, 8, 8, cuda_graphs=False, packed_weights=True)
+
+
+def test_greedy_tokens_are_the_same_with_and_without_the_cpu_savings():
+    model = tiny_model(initializer_range=0.5)
+    prompts = ragged_prompts()
+    runs = [sample(model, prompts, group_size=3, max_new_tokens=20, eos_ids=[], pad_id=PAD, greedy=True,
+                   decode_options=opts)
+            for opts in ({"split_cache": False, "packed_weights": False}, {})]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    assert torch.allclose(runs[0].logp, runs[1].logp, atol=1e-5)
