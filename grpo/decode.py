@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +299,33 @@ class PackedLinears:
         return torch.allclose(self(group, x), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
+class _LayerPlan(NamedTuple):
+    """What a decode step takes from one decoder layer, looked up once (module attribute access is slow enough
+    to show in a CPU step): the linear groups (see `_decode_linears`), the norms, the attention scale left
+    after the queries' own scaling, and the gated MLP's activation (or the MLP module, run as it is)."""
+    qkv: tuple
+    o: tuple
+    gate_up: tuple | None
+    down: tuple | None
+    gate_up_sizes: tuple
+    act: object
+    mlp: object
+    input_norm: object
+    post_norm: object
+    scale: float
+
+    @classmethod
+    def of(cls, layer, q_scale: float) -> "_LayerPlan":
+        attn, mlp = layer.self_attn, layer.mlp
+        gated = _gated_mlp(mlp)
+        return cls(qkv=(attn.q_proj, attn.k_proj, attn.v_proj), o=(attn.o_proj,),
+                   gate_up=(mlp.gate_proj, mlp.up_proj) if gated else None,
+                   down=(mlp.down_proj,) if gated else None,
+                   gate_up_sizes=(mlp.gate_proj.out_features, mlp.up_proj.out_features) if gated else (),
+                   act=mlp.act_fn if gated else None, mlp=mlp, input_norm=layer.input_layernorm,
+                   post_norm=layer.post_attention_layernorm, scale=attn.scaling / q_scale)
+
+
 class SlotDecoder:
     """Preallocated KV slots, our attention over them, optional CUDA graphs, and on the CPU a split cache and
     packed weights (see the module docstring)."""
@@ -324,7 +352,6 @@ class SlotDecoder:
                              f"{PACK_LIMIT_BYTES / 2**30:g} GiB")
         self._packed = None  # PackedLinears for the current batch size (made at the first step of that size)
         self.kv_heads = model.config.num_key_value_heads
-        self.gated = [_gated_mlp(layer.mlp) for layer in self.body.layers]
         self.keys: list[torch.Tensor] = []  # per layer (n, h, L, d); split: each row's own tokens (n, h, T, d)
         self.values: list[torch.Tensor] = []
         self.mask = None  # (n, 1, 1, L) additive, the cache's dtype: 0 where a row may attend, -inf elsewhere
@@ -353,6 +380,7 @@ class SlotDecoder:
         # split cache: queries leave the rotary embedding already scaled (one multiply fewer per layer)
         scalings = {layer.self_attn.scaling for layer in self.body.layers}
         self.q_scale = scalings.pop() if self.split and len(scalings) == 1 else 1.0
+        self.layers = [_LayerPlan.of(layer, self.q_scale) for layer in self.body.layers]
         self.write_pos = None  # (1,) long on the device: the slot this step writes
         self._graph = None  # the captured step for the current batch size
         self._inputs = None  # its static input buffers: token ids (n, 1), positions (n, 1)
@@ -510,10 +538,9 @@ class SlotDecoder:
         d, hq, h = self.head_dim, self.q_heads, self.kv_heads
         x = self.body.embed_tokens(token_ids)  # (n, 1, H)
         cos, sin = self._rotary_tables(x, positions)
-        for index, layer in enumerate(self.body.layers):
-            attn = layer.self_attn
+        for index, layer in enumerate(self.layers):
             # one (q | k | v) row per token: its query and key vectors rotated together, in one pass
-            qkv = self._linears((attn.q_proj, attn.k_proj, attn.v_proj), self._norm(layer.input_layernorm, x))
+            qkv = self._linears(layer.qkv, self._norm(layer.input_norm, x))
             qk = qkv[..., :(hq + h) * d].view(n, hq + h, d)  # (n, hq + h, d)
             qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * sin  # rotary position embedding
             # The r query heads of one key/value head become r query positions of that head (n, h, r, d):
@@ -521,14 +548,12 @@ class SlotDecoder:
             q = qk[:, :hq].view(n, h, hq // h, d)  # (n, h, r, d)
             k = qk[:, hq:].view(n, h, 1, d)  # (n, h, 1, d)
             v = qkv[..., (hq + h) * d:].view(n, h, 1, d)  # (n, h, 1, d)
-            o = self._attend(index, q, k, v, attn.scaling / self.q_scale, t)  # (n, h, r, d)
-            x = x + self._linears((attn.o_proj,), o.reshape(n, 1, -1))  # (n, 1, H)
-            h_mlp = self._norm(layer.post_attention_layernorm, x)
-            if self.gated[index]:  # Llama/Qwen2 MLP, spelled out so gate and up are one packed product
-                mlp = layer.mlp
-                gate_up = self._linears((mlp.gate_proj, mlp.up_proj), h_mlp)  # (n, 1, 2 I)
-                gate, up = gate_up.split((mlp.gate_proj.out_features, mlp.up_proj.out_features), dim=-1)
-                x = x + self._linears((mlp.down_proj,), mlp.act_fn(gate) * up)
+            o = self._attend(index, q, k, v, layer.scale, t)  # (n, h, r, d)
+            x = x + self._linears(layer.o, o.reshape(n, 1, -1))  # (n, 1, H)
+            h_mlp = self._norm(layer.post_norm, x)
+            if layer.gate_up is not None:  # Llama/Qwen2 MLP, spelled out so gate and up are one packed product
+                gate, up = self._linears(layer.gate_up, h_mlp).split(layer.gate_up_sizes, dim=-1)  # (n, 1, I) each
+                x = x + self._linears(layer.down, layer.act(gate) * up)
             else:
                 x = x + layer.mlp(h_mlp)  # (n, 1, H)
         # float32 inside the graph: the sampler reads this buffer as it is, no (n, V) copy per step outside it
