@@ -29,6 +29,13 @@ def test_quick_cpu_bench_writes_every_figure(quick_report):
     summary = r["summary"]
     assert summary["baseline"] in ("hf_dynamic", "hf_static") and summary["ratio"] > 0
     assert any(line.startswith("ratio:") for line in summary["lines"])
+    # CPU extras: our sampler without its CPU savings, and ours vs the faster HF mode timed back to back
+    assert r["sampler"]["ours_full_cache_unpacked"]["status"] == "ok"
+    paired = r["paired"]
+    assert paired["baseline"] == summary["baseline"] and paired["rounds"] == 3
+    assert len(paired["ratios"]) == 3 and all(x > 0 for x in paired["ratios"])
+    assert summary["paired_ratio"] == paired["median_ratio"]
+    assert any(line.startswith("paired ratio") for line in summary["lines"])
 
 
 def test_hf_modes_over_their_time_limit_are_reported_as_skipped(tmp_path):
