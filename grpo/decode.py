@@ -343,7 +343,9 @@ class SlotDecoder:
         param = next(model.parameters())
         cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         # split cache: prompt keys/values once per prompt, each row's own tokens apart (None = on the CPU in fp32)
-        self.split = (cpu_fp32 if split_cache is None else bool(split_cache)) and not self.uses_graphs
+        # (it reads the slots written so far, a host-side length: asked for explicitly, it turns graphs off)
+        self.split = cpu_fp32 and not self.uses_graphs if split_cache is None else bool(split_cache)
+        self.uses_graphs = self.uses_graphs and not self.split
         if self.split and param.dtype != torch.float32:
             raise ValueError("split_cache needs a float32 model (its scores are plain matmuls in the cache dtype)")
         self.pack = packing_possible(model) if packed_weights is None else bool(packed_weights)
@@ -482,7 +484,7 @@ class SlotDecoder:
         values[:, :, t] = v[:, :, 0]
         keys, values = keys[:, :, :t + 1], values[:, :, :t + 1]  # (n, h, t + 1, d): only the slots written
         r = q.shape[2]
-        if _flash_lse is not None:  # each part by PyTorch's CPU flash kernel, merged by their log-sum-exps
+        if _flash_lse is not None and q.device.type == "cpu":  # each part by PyTorch's CPU flash kernel, merged by their log-sum-exps
             grid_out, grid_lse = _flash_lse(self._to_grid(q), self.prefix_keys[layer], self.prefix_values[layer],
                                             attn_mask=self.grid_mask, scale=scale)  # (B, h, G*r, d), (B, h, G*r)
             own_out, own_lse = _flash_lse(q, keys, values, scale=scale)  # (n, h, r, d), (n, h, r)
@@ -577,8 +579,9 @@ class SlotDecoder:
 
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         """Feed token t (n,) at positions (n,); returns the logits for token t + 1 (n, V)."""
-        if self.split or not self.uses_graphs:
-            # eager: inference mode spares every op its autograd bookkeeping (the CPU step is bound by op count)
+        if self.split or self.pack:
+            # CPU float32: inference mode spares every op its autograd bookkeeping (the step is bound by op
+            # count there). Not under autocast (CUDA): its cache of cast weights would keep inference tensors.
             with torch.inference_mode():
                 self._pack_for(token.shape[0])
                 if self.split:
@@ -586,6 +589,8 @@ class SlotDecoder:
                 self._advance(t)
                 return self.forward(token[:, None], position[:, None])
         self._advance(t)
+        if not self.uses_graphs:
+            return self.forward(token[:, None], position[:, None])
         if self._graph is None:
             self._inputs = (token[:, None].clone(), position[:, None].clone())
             if not self._capture():
