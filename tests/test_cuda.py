@@ -185,3 +185,19 @@ def test_fused_decode_ops_match_the_model_modules_on_cuda(dtype):
     norm = model.get_decoder().layers[0].input_layernorm
     assert torch.equal(_rms_norm(norm, x), norm(x)) or torch.allclose(_rms_norm(norm, x).float(), norm(x).float(),
                                                                       rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_split_cache_asked_for_on_cuda_runs_eagerly_and_matches_the_graph_path():
+    """The split cache is a CPU default; asked for on a CUDA float32 model it turns graphs off, takes the explicit
+    softmax (the flash-with-LSE kernel it merges with on the CPU is a CPU kernel) and gives the same tokens."""
+    from grpo.decode import make_decoder
+
+    model = tiny_model(initializer_range=0.5).cuda()
+    decoder = make_decoder(model, "static", 8, 8, None, split_cache=True)
+    assert decoder.split and not decoder.uses_graphs and not decoder.pack
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (7, 3, 12)]
+    runs = [sample(model, prompts, group_size=3, max_new_tokens=16, eos_ids=[], pad_id=0, greedy=True,
+                   sync_every=4, decode_options=opts) for opts in ({}, {"split_cache": True})]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    assert torch.allclose(runs[0].logp, runs[1].logp, atol=1e-4)
