@@ -390,7 +390,7 @@ def test_split_cache_and_packed_weights_give_the_full_slot_cache_logits(config):
         ours, decoder = _decode_steps(model, prompts, 3, split=split, packed=packed)
         assert decoder.split == split and decoder.pack == packed
         for a, b in zip(ours, reference):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (split, packed, (a - b).abs().max())
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (split, packed, (a - b).abs().max())
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash-kernel-with-lse", "explicit-softmax"])
@@ -411,7 +411,7 @@ def test_split_cache_after_dropping_every_row_of_a_prompt_and_shuffling_the_rest
     if decoder.pack:
         assert decoder._packed.rows == 8  # packed again for the smaller batch
     for a, b in zip(ours, reference):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
 
 
 def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot_apply():
