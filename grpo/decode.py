@@ -376,7 +376,7 @@ class SlotDecoder:
         H = model.config.hidden_size
         self._fused_norm = _fused_norm_matches(self.body.norm, H, param.device, param.dtype)
         # float32 on the CPU: the RMSNorm in fewer dispatches, its scaled weights made once (checked like the other)
-        self._norm_args = {}  # id(module) -> (weight * sqrt(H), H * eps)
+        self._norm_args = {}  # id(module) -> (weight * sqrt(H), sqrt(H * eps) as a 0-d tensor)
         if cpu_fp32 and _fused_norm_matches(self.body.norm, H, param.device, param.dtype,
                                             lambda m, x: _rms_norm_fp32(x, *_scaled_norm_args(m, H))):
             norms = [self.body.norm] + [n for layer in self.body.layers
