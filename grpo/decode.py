@@ -276,6 +276,7 @@ class PackedLinears:
 
     def __init__(self, groups: list[tuple[tuple, object]], rows: int, input_scales: dict | None = None):
         self.rows = rows
+        self.folds_norms = bool(input_scales)  # the norms feeding these products skip their weight multiply
         self.products = {}  # group (tuple of modules) -> (packed weight, weight, bias, folded input scale)
         for group, norm in groups:
             weight = torch.cat([m.weight.detach() for m in group]) if len(group) > 1 else group[0].weight.detach()
@@ -354,8 +355,9 @@ class SlotDecoder:
         self.uses_graphs = self.uses_graphs and not self.split
         if self.split and param.dtype != torch.float32:
             raise ValueError("split_cache needs a float32 model (its scores are plain matmuls in the cache dtype)")
-        self.pack = packing_possible(model) if packed_weights is None else bool(packed_weights)
-        if self.pack and not packing_possible(model):
+        can_pack = packing_possible(model)
+        self.pack = can_pack if packed_weights is None else bool(packed_weights)
+        if self.pack and not can_pack:
             raise ValueError("packed_weights needs a float32 CPU model, PyTorch with MKL and linears of at most "
                              f"{PACK_LIMIT_BYTES / 2**30:g} GiB")
         self._packed = None  # PackedLinears for the current batch size (made at the first step of that size)
@@ -576,7 +578,6 @@ class SlotDecoder:
         # fold each norm's (scaled) weight into the product it feeds, where the decoder runs its own fp32 norm
         scales = {key: args[0] for key, args in self._norm_args.items()}
         packed = PackedLinears(groups, rows, input_scales=scales)
-        packed.folds_norms = bool(scales)
         if not (packed.matches(groups[0][0]) and packed.matches(groups[-1][0])):
             warnings.warn("MKL packed weights disagree with F.linear; decoding with the modules' own linears")
             self.pack = False
