@@ -400,7 +400,9 @@ def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
     try:
         ids, mask = left_pad(prompts, 0, device)
         decoder = make_decoder(model, "static", ids.shape[1], T, None)
-        out.update(decoder=type(decoder).__name__, graphs=decoder.uses_graphs)
+        out.update(decoder=type(decoder).__name__, graphs=decoder.uses_graphs,
+                   stacked_weights=getattr(decoder, "stack", False),
+                   fused_ops=getattr(decoder, "_fused", None) is not None)
         if not isinstance(decoder, SlotDecoder):
             return out
         logits = decoder.prefill(ids, mask, G, T)  # (N, V)
@@ -415,15 +417,17 @@ def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
         end.record()
         sync(device)
         out["step_ms"] = round(start.elapsed_time(end) / steps, 3)
-        keys, values, attn_mask = decoder.keys[0], decoder.values[0], decoder.mask  # (N, h, L, d), (N, 1, 1, L)
+        # full slot cache: (N, h, L, d), (N, 1, 1, L); grid cache: (B, h, S, d), (B, 1, G * r, S)
+        keys, values, attn_mask = decoder.keys[0], decoder.values[0], decoder.mask
         n, h, L, d = keys.shape
-        r = model.config.num_attention_heads // model.config.num_key_value_heads
+        r = attn_mask.shape[2] if decoder.grid else model.config.num_attention_heads // model.config.num_key_value_heads
         kv_bytes = 2 * keys.numel() * keys.element_size() * len(decoder.keys)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if not getattr(model.config, "tie_word_embeddings", False):  # a step reads n rows of the input embedding
             embed = model.get_input_embeddings().weight
             weight_bytes -= embed.numel() * embed.element_size()
-        out.update(rows=n, cache_slots=L, layers=len(decoder.keys),
+        out.update(rows=token.shape[0], cache_batch=n, cache_slots=L, layers=len(decoder.keys),
+                   grid_cache=decoder.grid,
                    gib_read_per_step={"weights": gib(weight_bytes), "kv_cache": gib(kv_bytes)})
         out["attention"] = attention_probe(n, h, r, L, d, keys, values, attn_mask, len(decoder.keys))
         decoder.close()
@@ -434,15 +438,65 @@ def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
     return out
 
 
+def step_profile(model, prompts, s: dict, device, steps: int = 4) -> dict:
+    """CUDA: the GPU time of eager decode steps (the CUDA defaults, fused ops included) by kernel, from
+    torch.profiler: totals per kind (matmul, attention, other) and the kernels that take the most, per step.
+    Eager launches show each kernel's own time, which a graph replay runs with fewer gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from grpo.decode import make_decoder
+    from grpo.sampler import left_pad
+
+    G, T = s["group_size"], s["new_tokens"]
+    out: dict = {}
+    try:
+        ids, mask = left_pad(prompts, 0, device)
+        decoder = make_decoder(model, "static", ids.shape[1], T, False, fused_ops=True)  # as under graphs
+        logits = decoder.prefill(ids, mask, G, T)
+        token, position = logits.argmax(-1), mask.sum(-1).repeat_interleave(G)
+        decoder.step(token, position, 0)
+        out.update(grid_cache=decoder.grid, stacked_weights=decoder.stack, fused_ops=decoder._fused is not None)
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for t in range(1, steps + 1):
+                decoder.step(token, position + t, t)
+            sync(device)
+        kernels: dict[str, list] = {}
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                entry = kernels.setdefault(event.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += event.time_range.elapsed_us()
+        kinds = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+        for name, (_, us) in kernels.items():
+            low = name.lower()
+            kind = "attention" if any(k in low for k in ("sdpa", "fmha", "flash", "attention", "attn")) else \
+                "matmul" if any(k in low for k in ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet")) else "other"
+            kinds[kind] += us
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+        out.update(steps=steps, ms_per_step={k: round(v / steps / 1000, 3) for k, v in kinds.items()},
+                   kernels_per_step=round(sum(c for c, _ in kernels.values()) / steps, 1),
+                   top=[{"name": name[:90], "calls_per_step": round(c / steps, 1),
+                         "ms_per_step": round(us / steps / 1000, 3)} for name, (c, us) in top])
+        decoder.close()
+    except Exception as err:  # a probe: never the reason a bench fails
+        out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def attention_probe(n, h, r, L, d, keys, values, attn_mask, layers: int, calls: int = 20) -> dict:
-    """One layer's decode attention (queries (n, h, r, d) over the (n, h, L, d) cache with the additive mask)
-    under each SDPA backend, and a plain matmul-softmax-matmul: ms per call, and per step (x layers)."""
+    """One layer's decode attention (queries (n, h, r, d) over the (n, h, L, d) cache with the additive mask;
+    with the grid cache n is the prompts and r their rows' G x r query heads per key/value head) under each SDPA
+    backend, and a plain matmul-softmax-matmul: ms per call, and per step (x layers)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn((n, h, r, d), device=keys.device, dtype=keys.dtype)
     scale = d ** -0.5
-    out = {"shape": {"rows": n, "kv_heads": h, "queries_per_kv_head": r, "slots": L, "head_dim": d}}
+    out = {"shape": {"cache_batch": n, "kv_heads": h, "queries_per_kv_head": r, "slots": L, "head_dim": d}}
     try:
         names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
         out["sdpa_picks"] = names.get(int(torch._fused_sdp_choice(q, keys, values, attn_mask, 0.0, False)), "?")
@@ -635,6 +689,13 @@ def main(argv=None) -> int:
                         help="on CUDA, also time our sampler with CUDA graphs off")
     parser.add_argument("--cpu-savings", choices=["on", "off"], default="on",
                         help="on the CPU, also time our sampler without its split cache and packed weights")
+    parser.add_argument("--gpu-savings", choices=["on", "off"], default="on",
+                        help="on CUDA, also time our sampler without its grid cache, stacked weights and fused ops")
+    parser.add_argument("--variants", choices=["on", "off"], default="off",
+                        help="on CUDA, also time our sampler with the grid cache, stacked weights and fused ops "
+                             "each turned off in turn")
+    parser.add_argument("--profile-step", choices=["on", "off"], default="off",
+                        help="on CUDA, break an eager decode step's GPU time down by kernel (torch.profiler)")
     parser.add_argument("--paired-rounds", type=int, default=None,
                         help="after the modes, time ours and the faster HF mode back to back this many times and "
                              "report the median of the per-round ratios (default: 3 on the CPU, 0 on CUDA)")
@@ -690,8 +751,22 @@ def main(argv=None) -> int:
         report["sampler"]["ours_no_graphs"], _ = bench_ours(model, prompts, s, device, False, s["seed"])
         say(f"  ours (no graphs): {report['sampler']['ours_no_graphs']['tokens_per_s']:,.0f} tokens/s")
         save()
+    if device.type == "cuda" and args.gpu_savings == "on":
+        plain = {"grid_cache": False, "stacked_weights": False, "fused_ops": False}
+        report["sampler"]["ours_full_cache_unstacked"], _ = bench_ours(model, prompts, s, device, None, s["seed"],
+                                                                       plain)
+        say(f"  ours (CUDA graphs, full slot cache, unstacked weights, eager elementwise ops): "
+            f"{report['sampler']['ours_full_cache_unstacked']['tokens_per_s']:,.0f} tokens/s")
+        save()
+    if device.type == "cuda" and args.variants == "on":  # what each CUDA saving adds, graphs on
+        for grid, stacked, fused in ((1, 1, 1), (0, 1, 1), (0, 1, 0), (0, 0, 1)):
+            name = f"ours_grid{grid}_stacked{stacked}_fused{fused}"
+            options = {"grid_cache": bool(grid), "stacked_weights": bool(stacked), "fused_ops": bool(fused)}
+            report["sampler"][name], _ = bench_ours(model, prompts, s, device, None, s["seed"], options)
+            say(f"  ours ({options}): {report['sampler'][name]['tokens_per_s']:,.0f} tokens/s")
+            save()
     if device.type == "cpu" and args.cpu_savings == "on":
-        plain = {"split_cache": False, "packed_weights": False}
+        plain = {"split_cache": False, "packed_weights": False, "grid_cache": False}
         report["sampler"]["ours_full_cache_unpacked"], _ = bench_ours(model, prompts, s, device, None, s["seed"], plain)
         say(f"  ours (full slot cache, unpacked weights): "
             f"{report['sampler']['ours_full_cache_unpacked']['tokens_per_s']:,.0f} tokens/s")
@@ -705,6 +780,10 @@ def main(argv=None) -> int:
         report["decode_probe"] = decode_probe(model, prompts, s, device)
         for line in probe_lines(report["decode_probe"], report["sampler"]["ours"], s):
             say(line)
+        save()
+    if device.type == "cuda" and args.profile_step == "on":
+        report["step_profile"] = step_profile(model, prompts, s, device)
+        say(f"  eager decode step by kernel kind: {report['step_profile']}")
         save()
     if not args.skip_hf and args.hf_dynamic == "on":
         report["sampler"]["hf_dynamic"] = bench_hf(model, prompts, s, device, False, args.hf_timeout)

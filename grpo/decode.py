@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 SLOT_ALIGN = 16  # cache length rounded up to this: aligned rows for the attention kernels' masks
 PACK_LIMIT_BYTES = 4 * 2**30  # CPU packed weights are a second copy of the linears: only for models up to this
+STACK_FREE_FRACTION = 0.25  # CUDA stacked (q|k|v), (gate|up) weights: by default only if the copy fits this share
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _graphs_broken = False  # set after a capture fails in this process: later calls go straight to eager
 
@@ -68,6 +69,11 @@ def cache_keyword(model) -> str:
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded batch: 0 at each row's first real token (GRPO_NOTES trap 2)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
+
+
+def _aligned(slots: int) -> int:
+    """slots rounded up to a multiple of SLOT_ALIGN."""
+    return -(-slots // SLOT_ALIGN) * SLOT_ALIGN
 
 
 def bucket_size(active: int, current: int) -> int:
@@ -306,6 +312,109 @@ class PackedLinears:
         return torch.allclose(self(group, x), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
+# ---- fused elementwise chains (CUDA graphs): torch.compile'd, one kernel each instead of 2-4 ------------------
+def _rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qk * cos + rotate_half(qk) * sin, with the sign folded into sin (see `_rotary_tables`). (n, m, d)"""
+    return qk * cos + torch.roll(qk, qk.shape[-1] // 2, dims=-1) * sin
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add, then Llama/Qwen2's RMSNorm of the sum: (x + delta, weight * normalised(x + delta)), the
+    norm in float32 and rounded once to x's dtype, as the module computes it."""
+    x = x + delta
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return x, weight * h.to(x.dtype)
+
+
+def _silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """silu(gate) * up of the stacked (gate | up) product (n, 1, 2 I) -> (n, 1, I)."""
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
+
+
+class FusedOps:
+    """The three elementwise chains of a decode layer (rotary, residual add + RMSNorm, SiLU * up) compiled by
+    torch.compile into one kernel each: a decode step inside a CUDA graph is bound by its kernel count
+    (~20 a layer, each a few microseconds however small), and these cut ~8 a layer. Only under CUDA graphs,
+    where a compiled function's host-side cost (guards, launch) is paid once at capture, not every step.
+
+    Made once per process and dtype; `get` checks the compiled functions against the eager ones on two batch
+    sizes (the second makes the batch dimension dynamic, so compactions to smaller batches recompile nothing)
+    and returns None, with a warning, where compiling fails (no Triton, an unsupported PyTorch)."""
+
+    _made: dict = {}  # (device type, dtype, hidden, head_dim, heads, inter, eps) -> FusedOps, or None if it failed
+
+    def __init__(self):
+        self.rotary = torch.compile(_rotary, dynamic=None)
+        self.add_rms_norm = torch.compile(_add_rms_norm, dynamic=None)
+        self.silu_mul = torch.compile(_silu_mul, dynamic=None)
+
+    @classmethod
+    def get(cls, device, dtype, hidden: int, head_dim: int, heads: int, inter: int, eps: float):
+        key = (device.type, dtype, hidden, head_dim, heads, inter, eps)
+        if key not in cls._made:
+            cls._made[key] = cls._checked(device, dtype, hidden, head_dim, heads, inter, eps)
+        return cls._made[key]
+
+    @classmethod
+    def _checked(cls, device, dtype, hidden, head_dim, heads, inter, eps):
+        try:
+            ops = cls()
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            with torch.no_grad():
+                for rows in (2, 3):  # fixed inputs, no RNG: sines of a ramp
+                    def ramp(*shape, offset=0.0):
+                        n = 1
+                        for size in shape:
+                            n *= size
+                        return (torch.arange(n, device=device, dtype=torch.float32).view(shape) * 0.37 + offset) \
+                            .sin().to(dtype)
+                    qk, cos, sin = ramp(rows, heads, head_dim), ramp(rows, 1, head_dim, offset=1.0), \
+                        ramp(rows, 1, head_dim, offset=2.0)
+                    x, delta = ramp(rows, 1, hidden), ramp(rows, 1, hidden, offset=3.0)
+                    weight = ramp(hidden, offset=4.0)
+                    gate_up = ramp(rows, 1, 2 * inter, offset=5.0)
+                    pairs = [(ops.rotary(qk, cos, sin), _rotary(qk, cos, sin)),
+                             *zip(ops.add_rms_norm(x, delta, weight, eps), _add_rms_norm(x, delta, weight, eps)),
+                             (ops.silu_mul(gate_up, inter), _silu_mul(gate_up, inter))]
+                    for ours, reference in pairs:
+                        if ours.dtype != reference.dtype or not torch.allclose(ours.float(), reference.float(),
+                                                                               rtol=tol, atol=tol):
+                            raise RuntimeError("compiled result differs from the eager one")
+            return ops
+        except Exception as err:  # noqa: BLE001 - no compiler, no Triton, a changed API: the eager ops
+            warnings.warn(f"fused decode ops unavailable ({type(err).__name__}: {str(err)[:200]}); "
+                          "decoding with the eager ones")
+            return None
+
+
+def _stack_linears(groups: list[tuple[tuple, object]]) -> dict:
+    """The groups of several linears (q, k, v and gate, up) as one weight and bias each, so a step runs one
+    product per group instead of one per linear and a copy to put the outputs side by side."""
+    stacked = {}
+    with torch.no_grad():
+        for group, _ in groups:
+            if len(group) < 2:
+                continue
+            biases = [m.bias for m in group]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(group, biases)])
+            stacked[group] = (torch.cat([m.weight.detach() for m in group]), bias)
+    return stacked
+
+
+def stacking_wanted(model, groups: list[tuple[tuple, object]]) -> bool:
+    """Stacked weights by default: a CUDA model without autocast, where the stacked copy (about 60% of a Llama
+    layer's weights, held while the decoder lives) takes under STACK_FREE_FRACTION of the free GPU memory."""
+    param = next(model.parameters())
+    if param.device.type != "cuda" or torch.is_autocast_enabled("cuda"):
+        return False
+    extra = sum(m.weight.numel() * m.weight.element_size() for group, _ in groups if len(group) > 1 for m in group)
+    free, _ = torch.cuda.mem_get_info(param.device)
+    return extra < STACK_FREE_FRACTION * free
+
+
 class _LayerPlan(NamedTuple):
     """What a decode step takes from one decoder layer, looked up once (module attribute access is slow enough
     to show in a CPU step): the linear groups (see `_decode_linears`), the norms, the attention scale left
@@ -320,6 +429,7 @@ class _LayerPlan(NamedTuple):
     input_norm: object
     post_norm: object
     scale: float
+    silu: bool  # the gated MLP's activation is SiLU (what FusedOps.silu_mul computes)
 
     @classmethod
     def of(cls, layer, q_scale: float) -> "_LayerPlan":
@@ -330,7 +440,8 @@ class _LayerPlan(NamedTuple):
                    down=(mlp.down_proj,) if gated else None,
                    gate_up_sizes=(mlp.gate_proj.out_features, mlp.up_proj.out_features) if gated else (),
                    act=mlp.act_fn if gated else None, mlp=mlp, input_norm=layer.input_layernorm,
-                   post_norm=layer.post_attention_layernorm, scale=attn.scaling / q_scale)
+                   post_norm=layer.post_attention_layernorm, scale=attn.scaling / q_scale,
+                   silu=gated and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"))
 
 
 class SlotDecoder:
@@ -340,12 +451,15 @@ class SlotDecoder:
     can_compact = True
 
     def __init__(self, model, prompt_len: int, max_new_tokens: int, cuda_graphs: bool,
-                 split_cache: bool | None = None, packed_weights: bool | None = None):
+                 split_cache: bool | None = None, packed_weights: bool | None = None,
+                 grid_cache: bool | None = None, stacked_weights: bool | None = None,
+                 fused_ops: bool | None = None):
         self.model = model
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.P = prompt_len
-        self.L = -(-(prompt_len + max_new_tokens) // SLOT_ALIGN) * SLOT_ALIGN  # slots, rounded up
+        self.max_new = max_new_tokens
+        self.L = _aligned(prompt_len + max_new_tokens)  # slots, rounded up
         self.uses_graphs = cuda_graphs and not _graphs_broken
         param = next(model.parameters())
         cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
@@ -355,12 +469,24 @@ class SlotDecoder:
         self.uses_graphs = self.uses_graphs and not self.split
         if self.split and param.dtype != torch.float32:
             raise ValueError("split_cache needs a float32 model (its scores are plain matmuls in the cache dtype)")
+        if self.split and grid_cache:
+            raise ValueError("grid_cache and split_cache are two layouts of the same cache: ask for one")
+        # grid cache: decided at prefill (None = wherever the split cache is off and prompts have G > 1 rows)
+        self.grid_option = grid_cache
+        self.grid = False
+        self.prefix_slots = 0  # grid cache: prompt slots, P rounded up to SLOT_ALIGN
+        self.open_steps = 0  # grid cache: completion slots written so far (each row's own, open in the mask)
         can_pack = packing_possible(model)
         self.pack = can_pack if packed_weights is None else bool(packed_weights)
         if self.pack and not can_pack:
             raise ValueError("packed_weights needs a float32 CPU model, PyTorch with MKL and linears of at most "
                              f"{PACK_LIMIT_BYTES / 2**30:g} GiB")
         self._packed = None  # PackedLinears for the current batch size (made at the first step of that size)
+        self.stack = stacking_wanted(model, _decode_linears(model)) if stacked_weights is None and not self.pack \
+            else bool(stacked_weights) and not self.pack
+        if self.stack and torch.is_autocast_enabled(param.device.type):
+            raise ValueError("stacked_weights needs the weights in the compute dtype (no autocast)")
+        self._stacked = _stack_linears(_decode_linears(model)) if self.stack else {}  # group -> (weight, bias)
         self.kv_heads = model.config.num_key_value_heads
         self.keys: list[torch.Tensor] = []  # per layer (n, h, L, d); split: each row's own tokens (n, h, T, d)
         self.values: list[torch.Tensor] = []
@@ -391,7 +517,17 @@ class SlotDecoder:
         scalings = {layer.self_attn.scaling for layer in self.body.layers}
         self.q_scale = scalings.pop() if self.split and len(scalings) == 1 else 1.0
         self.layers = [_LayerPlan.of(layer, self.q_scale) for layer in self.body.layers]
+        # fused elementwise chains: only under CUDA graphs (None = wherever graphs are used); eps must be one value
+        want_fused = self.uses_graphs if fused_ops is None else bool(fused_ops)
+        eps = {n.variance_epsilon for n in self._all_norms() if hasattr(n, "variance_epsilon")}
+        self._fused = None
+        if want_fused and self._fused_norm and len(eps) == 1 and not self.pack:
+            config = model.config
+            self._fused = FusedOps.get(param.device, param.dtype, H, self.head_dim, self.q_heads + self.kv_heads,
+                                       getattr(config, "intermediate_size", 1), eps.pop())
         self.write_pos = None  # (1,) long on the device: the slot this step writes
+        self.write_slots = None  # grid cache: (G,) long on the device, the slots this step writes
+        self._row_offsets = None  # grid cache: arange(G) on the device
         self._graph = None  # the captured step for the current batch size
         self._inputs = None  # its static input buffers: token ids (n, 1), positions (n, 1)
         self._output = None  # its static output: logits (n, V)
@@ -408,9 +544,21 @@ class SlotDecoder:
         B, P = prompt_ids.shape
         N = B * group_size
         suffix = self.L - P  # split cache: slots for the completion tokens only
+        if self.grid_option is None:
+            self.grid = not self.split and group_size > 1 and self._grid_fills_gpu(B, group_size)
+        else:
+            self.grid = not self.split and bool(self.grid_option)
+        self.prefix_slots = _aligned(P)
+        grid_slots = self.prefix_slots + _aligned(self.max_new * group_size)  # grid cache: S slots per prompt
         for layer in range(len(self.body.layers)):
             k, v = _layer_kv(cache, layer)  # (B, h, P, d) each
             # Under autocast keys arrive in fp32 (rotary) and values in bf16: one dtype for both, the values'.
+            if self.grid:  # each prompt's keys/values once, then its G rows' own tokens, step-major
+                for source, store in ((k, self.keys), (v, self.values)):
+                    slots = torch.zeros((B, k.shape[1], grid_slots, k.shape[3]), dtype=v.dtype, device=v.device)
+                    slots[:, :, :P] = source  # (B, h, S, d)
+                    store.append(slots)
+                continue
             if self.split:  # each prompt's keys/values kept once, read by all its G rows
                 self.prefix_keys.append(k.to(v.dtype).contiguous())
                 self.prefix_values.append(v.contiguous())
@@ -426,10 +574,13 @@ class SlotDecoder:
             self.values.append(values)
         del cache
         dtype = self.values[0].dtype
-        if self.split:
+        if self.split or self.grid:
             self.prefix_mask = torch.zeros((B, 1, 1, P), dtype=dtype, device=prompt_ids.device)  # (B, 1, 1, P)
             self.prefix_mask[:, 0, 0].masked_fill_(~prompt_mask.bool(), float("-inf"))
             self._lay_out_rows([row // group_size for row in range(N)])
+            self.open_steps = 0
+            if self.grid:
+                self._set_grid_buffers()  # the mask (B, 1, G*r, S), the slots a step writes
         else:
             self.mask = torch.full((N, 1, 1, self.L), float("-inf"), dtype=dtype, device=prompt_ids.device)
             self.mask[:, 0, 0, :P].masked_fill_(prompt_mask.bool().repeat_interleave(group_size, dim=0), 0.0)
@@ -461,9 +612,72 @@ class SlotDecoder:
             torch.tensor(grid, device=device)
         self.row_prompt = row_prompt
         self.row_mask = self.grid_mask = None  # (n, 1, 1, P), (B, 1, 1, P): only where some prompt is padded
-        if bool(torch.isinf(self.prefix_mask).any()):
+        if self.split and bool(torch.isinf(self.prefix_mask).any()):
             self.grid_mask = self.prefix_mask
             self.row_mask = self.prefix_mask.index_select(0, torch.tensor(row_prompt, device=device))
+        return used
+
+    def _grid_fills_gpu(self, prompts: int, group_size: int) -> bool:
+        """Whether the grid cache's attention has enough independent blocks for this GPU. Its kernel gives each
+        (prompt, key/value head) and 64 of its G*r query positions one block, against one per (row, head) for
+        the full slot cache: reading 1/G of the prompt part is a loss when the blocks leave most of the GPU idle.
+        Measured on an H200 (132 SMs): 32 x 3 = 96 blocks (SmolLM2-135M shape, 32 prompts) made the attention
+        1.8x faster than the full slot cache; 8 x 4 = 32 (Qwen2.5-7B shape, 8 prompts) made it 1.4x slower.
+        Rule: at least half as many blocks as SMs. Off CUDA: always (no such limit measured)."""
+        device = self.body.embed_tokens.weight.device
+        if device.type != "cuda":
+            return True
+        r = self.q_heads // self.kv_heads
+        blocks = prompts * self.kv_heads * -(-group_size * r // 64)
+        return 2 * blocks >= torch.cuda.get_device_properties(device).multi_processor_count
+
+    # ---- grid cache: per prompt, [its P prompt slots | step 0 of its Gmax rows | step 1 of them | ...] -------
+    def _grid_mask(self) -> torch.Tensor:
+        """The additive mask (B, 1, Gmax*r, S) of the grid cache: every query position sees its prompt (less its
+        left padding) and, of the completion slots, only its own row's, for the `open_steps` steps written."""
+        B, G, r = self.prefix_mask.shape[0], self.group_rows, self.q_heads // self.kv_heads
+        S, Pp, T = self.keys[0].shape[2], self.prefix_slots, self.max_new
+        mask = torch.full((B, 1, G * r, S), float("-inf"), dtype=self.prefix_mask.dtype, device=self.prefix_mask.device)
+        mask[..., :self.P] = self.prefix_mask  # (B, 1, 1, P) over every query position
+        own = mask[..., Pp:Pp + T * G].view(B, 1, G, r, T, G)  # [.., query row, head, step, key row]
+        torch.diagonal(own, dim1=2, dim2=5)[..., :self.open_steps, :].fill_(0.0)  # (B, 1, r, T, G): row == row
+        return mask
+
+    def _grid_suffix(self, store: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The completion part of a grid-cache tensor (B, h, S, d) as (B, h, T, Gmax, d): [prompt, head, step,
+        row], a view (writes go to the cache). rows: Gmax of that tensor, if not the current one."""
+        B, h, _, d = store.shape
+        G = self.group_rows if rows is None else rows
+        return store[:, :, self.prefix_slots:self.prefix_slots + self.max_new * G].view(B, h, self.max_new, G, d)
+
+    def _compact_grid(self, keep: torch.Tensor) -> None:
+        """Keep rows `keep` (m,) of the grid cache: drop the prompts none of them reads, re-rank each prompt's
+        rows (Gmax may shrink), copy each kept row's completion slots to its new place, remake the mask."""
+        old_slots = keep if self.grid_index is None else self.grid_index.index_select(0, keep)  # (m,) old grid
+        old_prompts, old_rows = self.prefix_mask.shape[0], self.group_rows
+        used = self._lay_out_rows([self.row_prompt[s] for s in keep.tolist()])
+        B, G = len(used), self.group_rows
+        new_slots = self.grid_index if self.grid_index is not None else torch.arange(B * G, device=keep.device)
+        used_index = torch.tensor(used, device=keep.device)
+        S = self.prefix_slots + _aligned(self.max_new * G)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                _, h, _, d = old.shape
+                new = old.new_zeros((B, h, S, d))
+                new[:, :, :self.prefix_slots] = old[:, :, :self.prefix_slots].index_select(0, used_index)
+                # (old B, h, T, old G, d) -> one (h, T, d) block per old grid slot, the kept ones, at their new slots
+                rows = self._grid_suffix(old, old_rows).permute(0, 3, 1, 2, 4).reshape(
+                    old_prompts * old_rows, h, self.max_new, d).index_select(0, old_slots)  # (m, h, T, d)
+                grid = old.new_zeros((B * G, h, self.max_new, d)).index_copy_(0, new_slots, rows)
+                self._grid_suffix(new).copy_(grid.view(B, G, h, self.max_new, d).permute(0, 2, 3, 1, 4))
+                store[layer] = new
+        self._set_grid_buffers()
+
+    def _set_grid_buffers(self) -> None:
+        """The mask for the rows' current layout and the (G,) slot indices a step writes (device tensors)."""
+        self.mask = self._grid_mask()
+        self._row_offsets = torch.arange(self.group_rows, device=self.mask.device)
+        self.write_slots = self._row_offsets.clone()
 
     def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """(n, h, r, m) per row -> (B, h, Gmax * r, m): the rows of one prompt as query positions of it."""
@@ -484,6 +698,13 @@ class SlotDecoder:
                 t: int | None) -> torch.Tensor:
         """q (n, h, r, d), this token's k, v (n, h, 1, d) -> attention output (n, h, r, d). Stores k, v first."""
         keys, values = self.keys[layer], self.values[layer]
+        if self.grid:  # one (B, h, S, d) cache per prompt; this step's slots come from a device tensor (graph-safe)
+            # step t's slots of a prompt's G rows are side by side: (B, h, G, d) into slots write_slots (G,)
+            keys.index_copy_(2, self.write_slots, self._to_grid(k.to(keys.dtype)))
+            values.index_copy_(2, self.write_slots, self._to_grid(v.to(values.dtype)))
+            # the G*r queries of a prompt's rows in one attention: each prompt key is read once for all its rows
+            out = F.scaled_dot_product_attention(self._to_grid(q), keys, values, attn_mask=self.mask, scale=scale)
+            return self._from_grid(out, q.shape[2])  # (B, h, G*r, d) -> (n, h, r, d)
         if not self.split:  # every row's full cache; the slot comes from a device tensor (graph-safe)
             keys.index_copy_(2, self.write_pos, k.to(keys.dtype))  # slot P + t of every row
             values.index_copy_(2, self.write_pos, v.to(values.dtype))
@@ -512,6 +733,10 @@ class SlotDecoder:
         return prompt_part + probs[..., P:] @ values
 
     # ---- one decode step ---------------------------------------------------------------------------------
+    def _all_norms(self) -> list:
+        return [self.body.norm] + [n for layer in self.body.layers
+                                   for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+
     def _norm(self, module, x: torch.Tensor) -> torch.Tensor:
         args = self._norm_args.get(id(module))
         if args is not None:
@@ -524,6 +749,9 @@ class SlotDecoder:
         """The group's linears applied to x, outputs side by side: one packed product, or the modules."""
         if self._packed is not None:
             return self._packed(group, x)
+        stacked = self._stacked.get(group)
+        if stacked is not None:
+            return F.linear(x, *stacked)
         return group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], dim=-1)
 
     def _rotary_tables(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,28 +774,43 @@ class SlotDecoder:
         cache no host synchronisation: safe to capture in a CUDA graph."""
         n = token_ids.shape[0]
         d, hq, h = self.head_dim, self.q_heads, self.kv_heads
+        fused = self._fused  # FusedOps (CUDA graphs) or None
         x = self.body.embed_tokens(token_ids)  # (n, 1, H)
         cos, sin = self._rotary_tables(x, positions)
+        normed = self._norm(self.layers[0].input_norm, x)  # later layers get theirs with the residual add
         for index, layer in enumerate(self.layers):
             # one (q | k | v) row per token: its query and key vectors rotated together, in one pass
-            qkv = self._linears(layer.qkv, self._norm(layer.input_norm, x))
+            qkv = self._linears(layer.qkv, normed)
             qk = qkv[..., :(hq + h) * d].view(n, hq + h, d)  # (n, hq + h, d)
-            qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * sin  # rotary position embedding
+            qk = fused.rotary(qk, cos, sin) if fused else _rotary(qk, cos, sin)  # rotary position embedding
             # The r query heads of one key/value head become r query positions of that head (n, h, r, d):
             # the attention then reads each cached key once (what repeat_kv would copy r times).
             q = qk[:, :hq].view(n, h, hq // h, d)  # (n, h, r, d)
             k = qk[:, hq:].view(n, h, 1, d)  # (n, h, 1, d)
             v = qkv[..., (hq + h) * d:].view(n, h, 1, d)  # (n, h, 1, d)
             o = self._attend(index, q, k, v, layer.scale, t)  # (n, h, r, d)
-            x = x + self._linears(layer.o, o.reshape(n, 1, -1))  # (n, 1, H)
-            h_mlp = self._norm(layer.post_norm, x)
+            x, normed = self._add_norm(x, self._linears(layer.o, o.reshape(n, 1, -1)), layer.post_norm)  # (n, 1, H)
             if layer.gate_up is not None:  # Llama/Qwen2 MLP, spelled out so gate and up are one packed product
-                gate, up = self._linears(layer.gate_up, h_mlp).split(layer.gate_up_sizes, dim=-1)  # (n, 1, I) each
-                x = x + self._linears(layer.down, layer.act(gate) * up)
+                gate_up = self._linears(layer.gate_up, normed)  # (n, 1, 2 I)
+                if fused and layer.silu:
+                    act = fused.silu_mul(gate_up, layer.gate_up_sizes[0])
+                else:
+                    gate, up = gate_up.split(layer.gate_up_sizes, dim=-1)  # (n, 1, I) each
+                    act = layer.act(gate) * up
+                delta = self._linears(layer.down, act)
             else:
-                x = x + layer.mlp(h_mlp)  # (n, 1, H)
+                delta = layer.mlp(normed)  # (n, 1, H)
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.body.norm
+            x, normed = self._add_norm(x, delta, following)
         # float32 inside the graph: the sampler reads this buffer as it is, no (n, V) copy per step outside it
-        return self._linears((self.head,), self._norm(self.body.norm, x))[:, -1, :].float()  # (n, V)
+        return self._linears((self.head,), normed)[:, -1, :].float()  # (n, V)
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the RMSNorm of its result: (x + delta, norm(x + delta)), fused where possible."""
+        if self._fused is not None and self._fused_norm:
+            return self._fused.add_rms_norm(x, delta, norm.weight, norm.variance_epsilon)
+        x = x + delta
+        return x, self._norm(norm, x)
 
     def _pack_for(self, rows: int) -> None:
         """Packed weights for a decode batch of `rows` (kept until the batch size changes)."""
@@ -608,7 +851,16 @@ class SlotDecoder:
         return self._output  # overwritten by the next replay: the caller reads it before the next step
 
     def _advance(self, t: int) -> None:
-        """Full-slot cache: step t writes slot P + t, which every row may now attend to."""
+        """Full-slot cache: step t writes slot P + t, which every row may now attend to. Grid cache: step t
+        writes each row's slot of step t, which that row (and no other) may now attend to."""
+        if self.grid:
+            B, G, r = self.prefix_mask.shape[0], self.group_rows, self.q_heads // self.kv_heads
+            start = self.prefix_slots + t * G
+            step_slots = self.mask[..., start:start + G].view(B, 1, G, r, G)  # [.., query row, head, key row]
+            torch.diagonal(step_slots, dim1=2, dim2=4).fill_(0.0)
+            torch.add(self._row_offsets, start, out=self.write_slots)  # start + [0, G), in place, no sync
+            self.open_steps = t + 1
+            return
         slot = self.P + t
         self.mask[:, :, :, slot] = 0.0  # the row now sees its own new token
         self.write_pos.fill_(slot)
@@ -621,8 +873,7 @@ class SlotDecoder:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up off the capture: lazy inits, cuBLAS handles, autotuning
-                for _ in range(2):
-                    self.forward(*self._inputs)
+                self.forward(*self._inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -641,6 +892,9 @@ class SlotDecoder:
     def compact(self, keep: torch.Tensor) -> None:
         """Keep only the rows `keep` (m,) of the decode batch (finished rows stop costing work)."""
         self._graph = self._inputs = self._output = None  # its buffers have the old batch size
+        if self.grid:
+            self._compact_grid(keep)
+            return
         self.keys = [k.index_select(0, keep) for k in self.keys]  # (m, h, L, d); split: (m, h, T, d)
         self.values = [v.index_select(0, keep) for v in self.values]
         if self.split:
@@ -650,12 +904,15 @@ class SlotDecoder:
 
     def close(self) -> None:
         self._graph = self._inputs = self._output = self._packed = None
+        self._stacked = {}
         self.keys, self.values, self.mask = [], [], None
         self.prefix_keys, self.prefix_values, self.prefix_mask, self.row_mask = [], [], None, None
 
 
 def make_decoder(model, cache_impl: str, prompt_len: int, max_new_tokens: int, cuda_graphs: bool | None,
-                 split_cache: bool | None = None, packed_weights: bool | None = None):
+                 split_cache: bool | None = None, packed_weights: bool | None = None,
+                 grid_cache: bool | None = None, stacked_weights: bool | None = None,
+                 fused_ops: bool | None = None):
     """The engine for this model and setting. cache_impl 'static' prefers `SlotDecoder` (Hugging Face's
     StaticCache where the architecture is not supported, its DynamicCache under autocast); 'dynamic' is
     Hugging Face's growing cache. cuda_graphs: None = on for `SlotDecoder` on CUDA without autocast.
@@ -672,7 +929,8 @@ def make_decoder(model, cache_impl: str, prompt_len: int, max_new_tokens: int, c
             warnings.warn("cuda_graphs=True needs a CUDA model run without autocast; decoding eagerly")
         use_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs) and graphs_possible
         return SlotDecoder(model, prompt_len, max_new_tokens, cuda_graphs=use_graphs, split_cache=split_cache,
-                           packed_weights=packed_weights)
+                           packed_weights=packed_weights, grid_cache=grid_cache, stacked_weights=stacked_weights,
+                           fused_ops=fused_ops)
     if cache_impl == "static" and autocast:
         # Hugging Face's StaticCache takes one dtype, but under autocast keys (after the fp32 rotary embedding)
         # and values arrive in different ones: fall back to the growing cache.

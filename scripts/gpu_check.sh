@@ -33,23 +33,5 @@ fi
 stage gpu-7b 300 "$PY" -m experiments.bench --preset gpu-7b --reps 2 "${STATIC_7B[@]}" --out "$OUT/gpu-7b.json"
 
 # the headline figures, as one block at the end of the output
-"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
-import json, sys
-from pathlib import Path
-for name in ("gpu-small", "gpu-7b"):
-    path = Path(sys.argv[1]) / f"{name}.json"
-    if not path.exists():
-        print(f"{name}: no results")
-        continue
-    r = json.loads(path.read_text())
-    s = r.get("sampler", {})
-    tps = {k: v.get("tokens_per_s", v.get("status")) for k, v in s.items()}
-    print(f"{name}: {tps}")
-    print(f"  summary: { {k: v for k, v in r.get('summary', {}).items() if k != 'lines'} }")
-    print(f"  logprob_check: {r.get('logprob_check')}")
-    t = r.get("train", {})
-    for k in ("measures_on", "measures_off"):
-        if k in t:
-            print(f"  update {k}: {t[k].get('tokens_per_s', t[k].get('status'))} tokens/s, peak {t[k].get('peak_gib')} GiB")
-EOF
+"$PY" scripts/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
 echo "total: $(( $(date +%s) - START ))s of ${BUDGET}s"

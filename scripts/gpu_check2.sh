@@ -30,42 +30,5 @@ stage gpu-7b 100 "$PY" -m experiments.bench --preset gpu-7b --reps 2 --skip-trai
     --recorded-hf-static 2921.3 --hf-timeout 60 --out "$OUT/gpu-7b.json"
 
 # the figures, as one block at the end (computed from the JSON files, so a stage cut short still reports)
-"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
-import json, sys
-from pathlib import Path
-FIRST = {"gpu-small": {"ours": 37907.5, "ours_no_graphs": 13875.2, "hf_dynamic": 11360.9, "hf_static": 20814.9},
-         "gpu-7b": {"ours": 5948.6, "ours_no_graphs": 2911.1, "hf_dynamic": 1373.3, "hf_static": 2921.3}}
-for name in ("gpu-small", "gpu-7b"):
-    path = Path(sys.argv[1]) / f"{name}.json"
-    if not path.exists():
-        print(f"{name}: no results")
-        continue
-    r = json.loads(path.read_text())
-    gpu = r.get("machine", {}).get("gpu", "?")
-    s = r.get("sampler", {})
-    tps = {k: v.get("tokens_per_s", v.get("status")) for k, v in s.items()}
-    print(f"{name} on {gpu}: tokens/s {tps}")
-    print(f"  first check (H200, before these changes): {FIRST[name]}")
-    ours = s.get("ours", {}).get("tokens_per_s")
-    hf = {k: v["tokens_per_s"] for k, v in s.items() if k.startswith("hf_") and v.get("status") in ("ok", "recorded")}
-    if ours and hf:
-        best = max(hf, key=hf.get)
-        note = "" if "recorded" not in best or "H200" in gpu else "  (CAUTION: recorded on an H200, this run is not)"
-        print(f"  ratio: ours {ours:,.0f} / {best} {hf[best]:,.0f} = {ours / hf[best]:.2f}x (target >= 3x){note}")
-    lc = r.get("logprob_check")
-    if lc:
-        print(f"  log-probs: ours vs training max {lc['max_abs_diff']:.3g}; HF cached vs training max "
-              f"{lc.get('hf_cached_max_abs_diff', float('nan')):.3g}; ours vs HF cached max "
-              f"{lc.get('ours_vs_hf_cached_max_abs_diff', float('nan')):.3g}; threshold {lc['threshold']:.3g} "
-              f"({lc['rule']}): {'ok' if lc['within_tolerance'] else 'EXCEEDED'}")
-    p = r.get("decode_probe")
-    if p:
-        att = p.get("attention", {})
-        times = {k: v.get("ms_per_step", v.get("error")) for k, v in att.items() if isinstance(v, dict) and k != "shape"}
-        print(f"  decode step alone: {p.get('step_ms')} ms ({'graph' if p.get('graphs') else 'eager'}); "
-              f"sampler step: {1000 * min(s.get('ours', {}).get('seconds') or [float('nan')]) / r['settings']['new_tokens']:.2f} ms "
-              f"(fastest run, prefill and capture included); "
-              f"read/step {p.get('gib_read_per_step')}; {p.get('error', '')}")
-        print(f"  attention, all layers, ms/step: {times}; SDPA picks {att.get('sdpa_picks')}")
-EOF
+"$PY" scripts/gpu_summary.py "$OUT" --previous docs/bench/check1 2>&1 | tee "$OUT/summary.txt"
 echo "total: $(( $(date +%s) - START ))s of ${BUDGET}s"

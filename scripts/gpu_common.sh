@@ -1,4 +1,4 @@
-# Shared by scripts/gpu_check.sh and scripts/gpu_check2.sh (sourced, not run): the time budget, the `stage`
+# Shared by scripts/gpu_check*.sh (sourced, not run): the time budget, the `stage`
 # runner and the machine description. The caller sets OUT_DEFAULT and BUDGET_DEFAULT first.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

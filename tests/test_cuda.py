@@ -187,6 +187,44 @@ def test_fused_decode_ops_match_the_model_modules_on_cuda(dtype):
                                                                       rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grid_cache_graphs_and_stacked_weights_give_the_full_slot_cache_logits(dtype, captures):
+    """CUDA's defaults (stacked q/k/v and gate/up, fused elementwise ops, graph replay) with the grid cache against
+    the full slot cache run eagerly with the modules' linears, step by step, through a compaction that drops a
+    prompt and shuffles rows."""
+    from grpo.decode import SlotDecoder, make_decoder
+
+    model = tiny_model(initializer_range=0.3).to("cuda", dtype)
+    default = make_decoder(model, "static", 8, 8, None)
+    assert default.uses_graphs and default.stack and not default.split and not default.pack
+    assert default._fused is not None  # the compiled elementwise chains, checked against the eager ones
+    # the grid cache by default only where its attention has blocks for half the SMs: 4 prompts x 2 heads do not
+    assert not default._grid_fills_gpu(4, 3) and default._grid_fills_gpu(1000, 3)
+    ids, mask = left_pad(_ragged(4), 0, "cuda")
+    keep = torch.tensor([11, 0, 4, 5, 2, 9, 10, 1], device="cuda")  # prompt 2 loses every row
+    logits = {}
+    for name, options in (("reference", dict(cuda_graphs=False, grid_cache=False, stacked_weights=False)),
+                          ("ours", dict(cuda_graphs=True, grid_cache=True))):
+        with torch.no_grad():  # as in the sampler
+            decoder = SlotDecoder(model, ids.shape[1], 10, **options)
+            outs = [decoder.prefill(ids, mask, 3, 10).float()]
+            position = mask.sum(-1).repeat_interleave(3)
+            token = torch.randint(2, 128, (12,), generator=torch.Generator().manual_seed(3)).cuda()
+            for t in range(9):
+                if t == 4:
+                    decoder.compact(keep)
+                    position, token = position[keep], token[keep]
+                outs.append(decoder.step(token, position, t).float().clone())
+                position, token = position + 1, (token * 7 + t) % 126 + 2
+        logits[name] = outs
+        if name == "ours":
+            assert decoder.grid and decoder.uses_graphs and decoder.keys[0].shape[0] == 3
+    assert captures == [12, 8]  # one capture per batch size
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for a, b in zip(logits["ours"], logits["reference"]):
+        assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
+
+
 def test_split_cache_asked_for_on_cuda_runs_eagerly_and_matches_the_graph_path():
     """The split cache is a CPU default; asked for on a CUDA float32 model it turns graphs off, takes the explicit
     softmax (the flash-with-LSE kernel it merges with on the CPU is a CPU kernel) and gives the same tokens."""

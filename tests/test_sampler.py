@@ -356,13 +356,16 @@ def test_gumbel_max_matches_the_exact_softmax_of_shifted_logits_over_a_large_voc
 
 
 # ---- the CPU savings of SlotDecoder: split cache (prompt keys once per prompt) and MKL-packed weights ---------
-def _decode_steps(model, prompts, group_size, split, packed, steps=10, compact_at=None, keep=None):
+def _decode_steps(model, prompts, group_size, split, packed, steps=10, compact_at=None, keep=None, **options):
     """Logits of `steps` decode steps (fixed tokens, so every configuration sees the same inputs), optionally
-    dropping rows (`keep`, in the given order) after step `compact_at`."""
+    dropping rows (`keep`, in the given order) after step `compact_at`. The full slot cache where split and
+    options say nothing else (the grid cache, the default where split is off, needs grid_cache=None/True)."""
     from grpo.decode import SlotDecoder
 
     ids, mask = left_pad(prompts, PAD)
-    decoder = SlotDecoder(model, ids.shape[1], steps, cuda_graphs=False, split_cache=split, packed_weights=packed)
+    options.setdefault("grid_cache", None if split else False)
+    decoder = SlotDecoder(model, ids.shape[1], steps, cuda_graphs=False, split_cache=split, packed_weights=packed,
+                          **options)
     with torch.no_grad():
         outs = [decoder.prefill(ids, mask, group_size, steps)]
         position = mask.sum(-1).repeat_interleave(group_size)  # (N,)
@@ -414,6 +417,75 @@ def test_split_cache_after_dropping_every_row_of_a_prompt_and_shuffling_the_rest
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
 
 
+# ---- the grid cache (CUDA's default layout: one cache per prompt, its rows' tokens step-major after it) ---------
+@pytest.mark.parametrize("config", [{}, TINY_LLAMA], ids=["qwen2-with-qkv-bias", "llama"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["module-linears", "stacked-linears"])
+def test_grid_cache_gives_the_full_slot_cache_logits_through_compactions(config, stacked):
+    model = tiny_model(initializer_range=0.3, **config)
+    prompts = ragged_prompts()  # 4 prompts x 3 rows, left-padded: the prompt part of the mask matters
+    cases = [(None, None, 3, 4),  # no compaction: the grid is the rows in order
+             # prompt 2 loses every row, 1 keeps two, 3 loses one; the rest shuffled: grid_index needed
+             (4, torch.tensor([11, 0, 4, 5, 2, 9, 10, 1]), 3, 3),
+             (2, torch.tensor([0, 3, 6, 9]), 1, 4)]  # one row per prompt left: Gmax 3 -> 1, the cache shrinks
+    for compact_at, keep, rows_after, prompts_after in cases:
+        reference, _ = _decode_steps(model, prompts, 3, split=False, packed=False, compact_at=compact_at, keep=keep)
+        ours, decoder = _decode_steps(model, prompts, 3, split=False, packed=False, compact_at=compact_at,
+                                      keep=keep, grid_cache=True, stacked_weights=stacked)
+        assert decoder.grid and decoder.stack == stacked and len(decoder._stacked) == (4 if stacked else 0)
+        assert decoder.group_rows == rows_after and decoder.keys[0].shape[0] == prompts_after
+        r = model.config.num_attention_heads // model.config.num_key_value_heads
+        assert decoder.mask.shape[:3] == (prompts_after, 1, rows_after * r)  # (B, 1, Gmax * r, S)
+        for a, b in zip(ours, reference):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (compact_at, (a - b).abs().max())
+
+
+def test_grid_cache_reads_each_prompt_once_and_masks_other_rows_tokens():
+    """The layout itself: a (B, h, S, d) cache, S = prompt slots + T x G, and a mask that shows each query row
+    its own completion slots only, once written."""
+    model = tiny_model()
+    prompts = ragged_prompts()
+    _, decoder = _decode_steps(model, prompts, 3, split=False, packed=False, steps=5, grid_cache=None)
+    assert decoder.grid  # the default wherever the split cache is off and prompts have several rows
+    B, h, S, d = decoder.keys[0].shape
+    assert (B, S) == (4, decoder.prefix_slots + 16) and decoder.prefix_slots % 16 == 0  # 5 x 3 -> 16 slots
+    own = (decoder.mask[0, 0, :, decoder.prefix_slots:] == 0)  # (G * r, S - prompt slots)
+    written = 4  # steps fed: 5 - 1
+    for query in range(3 * 2):
+        row = query // 2
+        assert own[query].nonzero().flatten().tolist() == [t * 3 + row for t in range(written)]
+    _, single = _decode_steps(model, prompts, 1, split=False, packed=False, steps=5, grid_cache=None)
+    assert not single.grid  # one row per prompt: nothing to share, the full slot cache
+
+
+def test_fused_ops_give_the_eager_logits_and_fall_back_when_compiling_fails(monkeypatch):
+    """FusedOps (torch.compile'd rotary, residual add + RMSNorm, SiLU * up: a CUDA-graph default) asked for on the
+    CPU, where Inductor compiles C++: the same logits through a compaction; and without a compiler, a warning and
+    the eager ops."""
+    from grpo.decode import FusedOps, SlotDecoder
+
+    model = tiny_model(initializer_range=0.3)
+    prompts = ragged_prompts()
+    keep = torch.tensor([11, 0, 4, 5, 2, 9, 10, 1])
+    reference, plain = _decode_steps(model, prompts, 3, split=False, packed=False, compact_at=4, keep=keep)
+    assert plain._fused is None  # off without CUDA graphs
+    ours, decoder = _decode_steps(model, prompts, 3, split=False, packed=False, compact_at=4, keep=keep,
+                                  grid_cache=True, fused_ops=True)
+    if decoder._fused is None:
+        pytest.skip("torch.compile cannot build here (no C++ compiler)")
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(FusedOps, "_made", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="fused decode ops unavailable"):
+        fallback = SlotDecoder(model, 8, 8, cuda_graphs=False, split_cache=False, packed_weights=False,
+                               fused_ops=True)
+    assert fallback._fused is None
+
+
 def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot_apply():
     from grpo.decode import SlotDecoder, make_decoder, packing_possible
 
@@ -431,6 +503,13 @@ def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot
         SlotDecoder(half, 8, 8, cuda_graphs=False, split_cache=True)
     with pytest.raises(ValueError, match="packed_weights"):
         SlotDecoder(half, 8, 8, cuda_graphs=False, packed_weights=True)
+    with pytest.raises(ValueError, match="grid_cache and split_cache"):
+        SlotDecoder(model, 8, 8, cuda_graphs=False, split_cache=True, grid_cache=True)
+    assert not auto.stack and not decoder.stack  # stacked weights: a CUDA default (a second copy of q/k/v, gate/up)
+    assert not SlotDecoder(model, 8, 8, cuda_graphs=False, packed_weights=True, stacked_weights=True).stack \
+        or not packing_possible(model)  # packed products already stack their groups
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="stacked_weights"):
+        SlotDecoder(model, 8, 8, cuda_graphs=False, stacked_weights=True)
 
 
 def test_greedy_tokens_are_the_same_with_and_without_the_cpu_savings():
