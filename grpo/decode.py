@@ -333,6 +333,24 @@ def _silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _Compiled:
+    """torch.compile(fn), which turns into fn itself, with a warning, the first time a call fails (a recompile
+    for a new shape that cannot build, say): the step then computes the same thing unfused."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=None)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - the eager function is always right
+                warnings.warn(f"compiled {self.fn.__name__} failed ({type(err).__name__}: {str(err)[:200]}); "
+                              "running it unfused from now on")
+                self.compiled = None
+        return self.fn(*args)
+
+
 class FusedOps:
     """The three elementwise chains of a decode layer (rotary, residual add + RMSNorm, SiLU * up) compiled by
     torch.compile into one kernel each: a decode step inside a CUDA graph is bound by its kernel count
@@ -346,9 +364,9 @@ class FusedOps:
     _made: dict = {}  # (device type, dtype, hidden, head_dim, heads, inter, eps) -> FusedOps, or None if it failed
 
     def __init__(self):
-        self.rotary = torch.compile(_rotary, dynamic=None)
-        self.add_rms_norm = torch.compile(_add_rms_norm, dynamic=None)
-        self.silu_mul = torch.compile(_silu_mul, dynamic=None)
+        self.rotary = _Compiled(_rotary)
+        self.add_rms_norm = _Compiled(_add_rms_norm)
+        self.silu_mul = _Compiled(_silu_mul)
 
     @classmethod
     def get(cls, device, dtype, hidden: int, head_dim: int, heads: int, inter: int, eps: float):

@@ -17,7 +17,7 @@ source "$(dirname "$0")/gpu_common.sh"
 # 1. the CUDA paths: graph vs eager vs HF generate, grid cache vs full slot cache, fused ops, compaction, fallback
 stage tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-# 2. gpu-7b first (its target is the open one): Qwen2.5-7B shape, 64 rows; HF dynamic now, HF static as recorded
+# 2. gpu-7b first (its target is the open one): Qwen2.5-7B shape, 64 rows; HF static as recorded
 stage gpu-7b 165 "$PY" -m experiments.bench --preset gpu-7b --reps 2 --skip-train --no-graphs off --variants on \
     --profile-step on --hf-dynamic off --hf-static off --recorded-hf-static 2921.3 --out "$OUT/gpu-7b.json"
 

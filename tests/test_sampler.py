@@ -486,6 +486,23 @@ def test_fused_ops_give_the_eager_logits_and_fall_back_when_compiling_fails(monk
     assert fallback._fused is None
 
 
+def test_a_compiled_op_that_fails_turns_into_its_eager_function(monkeypatch):
+    from grpo.decode import _Compiled, _silu_mul
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no compiling needed to test the fallback
+    op = _Compiled(_silu_mul)
+    gate_up = torch.randn(3, 1, 8)
+
+    def broken(*args):
+        raise RuntimeError("cannot build for this shape")
+
+    op.compiled = broken
+    with pytest.warns(UserWarning, match="running it unfused"):
+        out = op(gate_up, 4)
+    assert op.compiled is None and torch.equal(out, _silu_mul(gate_up, 4))
+    assert torch.equal(op(gate_up, 4), out)  # later calls: the eager function, no warning
+
+
 def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot_apply():
     from grpo.decode import SlotDecoder, make_decoder, packing_possible
 
