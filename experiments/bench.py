@@ -389,27 +389,49 @@ def logprob_lines(lc: dict) -> list[str]:
     return lines
 
 
-def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
-    """CUDA: time the decode step alone and one layer's attention at the sampler's shape, to show where a step's
-    time goes (the sampler's ms per step minus this step's is what the sampling loop costs outside the graph)."""
+@contextlib.contextmanager
+def probe_errors(out: dict):
+    """A probe's failure goes into its `error` field, never the reason a bench fails; its memory is freed."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001
+        out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def first_step(model, prompts, s: dict, device, cuda_graphs: bool | None, **options):
+    """Our decoder on the preset's prompts, prefilled, after its first step (the one that captures the graph):
+    (decoder, token (N,), position (N,)), tokens and positions to feed it again; (decoder, None, None) where
+    the engine is not a SlotDecoder (nothing run)."""
     from grpo.decode import SlotDecoder, make_decoder
     from grpo.sampler import left_pad
 
     G, T = s["group_size"], s["new_tokens"]
+    ids, mask = left_pad(prompts, 0, device)
+    decoder = make_decoder(model, "static", ids.shape[1], T, cuda_graphs, **options)
+    if not isinstance(decoder, SlotDecoder):
+        return decoder, None, None
+    logits = decoder.prefill(ids, mask, G, T)  # (N, V)
+    token, position = logits.argmax(-1), mask.sum(-1).repeat_interleave(G)  # (N,), (N,)
+    decoder.step(token, position, 0)
+    sync(device)
+    return decoder, token, position
+
+
+def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
+    """CUDA: time the decode step alone and one layer's attention at the sampler's shape, to show where a step's
+    time goes (the sampler's ms per step minus this step's is what the sampling loop costs outside the graph)."""
     out: dict = {}
-    try:
-        ids, mask = left_pad(prompts, 0, device)
-        decoder = make_decoder(model, "static", ids.shape[1], T, None)
+    with probe_errors(out):
+        decoder, token, position = first_step(model, prompts, s, device, None)
         out.update(decoder=type(decoder).__name__, graphs=decoder.uses_graphs,
                    stacked_weights=getattr(decoder, "stack", False),
                    fused_ops=getattr(decoder, "_fused", None) is not None)
-        if not isinstance(decoder, SlotDecoder):
+        if token is None:
             return out
-        logits = decoder.prefill(ids, mask, G, T)  # (N, V)
-        token, position = logits.argmax(-1), mask.sum(-1).repeat_interleave(G)  # (N,), (N,)
-        steps = min(replays, T - 1)
-        decoder.step(token, position, 0)  # captures the graph (or runs one eager step)
-        sync(device)
+        steps = min(replays, s["new_tokens"] - 1)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for t in range(1, steps + 1):
@@ -420,7 +442,8 @@ def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
         # full slot cache: (N, h, L, d), (N, 1, 1, L); grid cache: (B, h, S, d), (B, 1, G * r, S)
         keys, values, attn_mask = decoder.keys[0], decoder.values[0], decoder.mask
         n, h, L, d = keys.shape
-        r = attn_mask.shape[2] if decoder.grid else model.config.num_attention_heads // model.config.num_key_value_heads
+        heads_per_kv = model.config.num_attention_heads // model.config.num_key_value_heads
+        r = attn_mask.shape[2] if decoder.grid else heads_per_kv  # query positions per cache row and head
         kv_bytes = 2 * keys.numel() * keys.element_size() * len(decoder.keys)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if not getattr(model.config, "tie_word_embeddings", False):  # a step reads n rows of the input embedding
@@ -431,10 +454,6 @@ def decode_probe(model, prompts, s: dict, device, replays: int = 32) -> dict:
                    gib_read_per_step={"weights": gib(weight_bytes), "kv_cache": gib(kv_bytes)})
         out["attention"] = attention_probe(n, h, r, L, d, keys, values, attn_mask, len(decoder.keys))
         decoder.close()
-    except Exception as err:  # a probe: never the reason a bench fails
-        out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    gc.collect()
-    torch.cuda.empty_cache()
     return out
 
 
@@ -445,19 +464,13 @@ def step_profile(model, prompts, s: dict, device, steps: int = 4) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from grpo.decode import make_decoder
-    from grpo.sampler import left_pad
-
-    G, T = s["group_size"], s["new_tokens"]
     out: dict = {}
-    try:
-        ids, mask = left_pad(prompts, 0, device)
-        decoder = make_decoder(model, "static", ids.shape[1], T, False, fused_ops=True)  # as under graphs
-        logits = decoder.prefill(ids, mask, G, T)
-        token, position = logits.argmax(-1), mask.sum(-1).repeat_interleave(G)
-        decoder.step(token, position, 0)
+    with probe_errors(out):
+        decoder, token, position = first_step(model, prompts, s, device, False, fused_ops=True)  # as in graphs
+        if token is None:
+            out["decoder"] = type(decoder).__name__
+            return out
         out.update(grid_cache=decoder.grid, stacked_weights=decoder.stack, fused_ops=decoder._fused is not None)
-        sync(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for t in range(1, steps + 1):
                 decoder.step(token, position + t, t)
@@ -480,10 +493,6 @@ def step_profile(model, prompts, s: dict, device, steps: int = 4) -> dict:
                    top=[{"name": name[:90], "calls_per_step": round(c / steps, 1),
                          "ms_per_step": round(us / steps / 1000, 3)} for name, (c, us) in top])
         decoder.close()
-    except Exception as err:  # a probe: never the reason a bench fails
-        out["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    gc.collect()
-    torch.cuda.empty_cache()
     return out
 
 

@@ -49,6 +49,16 @@ class SamplingConfig:
     """Completion length limit; a completion that reaches it is 'truncated'."""
     stop_strings: list[str] = field(default_factory=list)
     """Stop a completion once its text ends with one of these (e.g. '</rate>'), besides EOS."""
+    decode_weights: str = "auto"
+    """What the sampler multiplies by when the model trains in fp32 under bf16 autocast (CUDA): `copy` = a
+    bf16 copy of the weights, refreshed from the master weights before every generation (2 bytes a
+    parameter; it makes CUDA graphs and the decoder's CUDA savings possible, which autocast rules out);
+    `master` = the fp32 master weights under autocast (decoded eagerly); `auto` = `copy` on CUDA where it
+    takes under half the free GPU memory, else `master`. Without autocast: the model itself, always."""
+
+    def __post_init__(self):
+        if self.decode_weights not in ("auto", "copy", "master"):
+            raise ConfigError(f"sampling.decode_weights must be auto, copy or master, got {self.decode_weights!r}")
 
 
 @dataclass

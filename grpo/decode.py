@@ -22,6 +22,21 @@ not know which one it drives:
   (r = 7 for Qwen2.5-7B: that copy alone costs more memory traffic than the weights). Rows can be
   dropped (`compact`) when enough of them have finished. On CUDA the step is captured once per batch
   size as a CUDA graph and replayed: one launch instead of ~15 per layer.
+  On CUDA, more savings (measured on an H200 with bench --variants, docs/bench/check4: inside a graph a step
+  is bound by its weight reads, its attention and its kernel count, a few microseconds per kernel however
+  small):
+  * grid cache: one (B, h, S, d) cache per prompt: its P prompt slots (rounded up to SLOT_ALIGN), then its
+    G rows' own tokens step-major (slot P + t*G + g), with a (B, 1, G*r, S) mask that shows each query row
+    the prompt and its own row's slots. The G*r queries of a prompt's rows attend in one SDPA call that reads
+    each prompt key once for all G rows (1/G of what the full slot cache reads for the prompt part). Its
+    kernel has fewer, larger blocks, so it is the default only where those fill half the GPU's SMs
+    (`_grid_fills_gpu`): on at the SmolLM2-135M shape with 32 prompts (+29% tokens/s), off at the
+    Qwen2.5-7B shape with 8 prompts (where it costs 10%).
+  * stacked weights: q/k/v and gate/up as one product each (a second copy of those weights while the
+    decoder lives, by default only where it fits STACK_FREE_FRACTION of the free memory): +11-15%.
+  * fused ops: the rotary embedding, each residual add with the RMSNorm after it, and SiLU * up as one
+    torch.compile'd kernel each (`FusedOps`, checked against the eager ops, rounding as eager does), only
+    under graphs, where their host-side cost is paid once per capture: +13-15%.
   On the CPU, in float32, more savings (measured there: a step is bound by the bytes it reads, weights then
   cache, and, once those are lean, by the number of ops; ~110 -> ~70 ms a step for SmolLM2-135M at 8 rows):
   * split cache: the prompt's keys/values are stored once per distinct prompt (B, h, P, d), not once per
@@ -270,6 +285,13 @@ def packing_possible(model) -> bool:
     return sum(m.weight.numel() * 4 for group, _ in _decode_linears(model) for m in group) <= PACK_LIMIT_BYTES
 
 
+def _stacked_bias(group: tuple) -> torch.Tensor | None:
+    """The biases of a group of linears side by side (zeros for one without), or None if none has one."""
+    if all(m.bias is None for m in group):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in group])
+
+
 class PackedLinears:
     """The decode step's linears as MKL pre-packed GEMMs for one decode batch size, the linears that read the same
     input stacked into one product ((q, k, v): one call instead of three; the output is their concatenation).
@@ -289,9 +311,7 @@ class PackedLinears:
             scale = (input_scales or {}).get(id(norm))
             if scale is not None:
                 weight = weight * scale  # (out, in) * (in,): a new tensor, the model's weights stay as they are
-            biases = [m.bias for m in group]
-            bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(group, biases)])
+            bias = _stacked_bias(group)
             packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
             self.products[group] = (packed, weight, bias, scale)
 
@@ -425,10 +445,7 @@ def _stack_linears(groups: list[tuple[tuple, object]]) -> dict:
         for group, _ in groups:
             if len(group) < 2:
                 continue
-            biases = [m.bias for m in group]
-            bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(group, biases)])
-            stacked[group] = (torch.cat([m.weight.detach() for m in group]), bias)
+            stacked[group] = (torch.cat([m.weight.detach() for m in group]), _stacked_bias(group))
     return stacked
 
 
@@ -535,9 +552,7 @@ class SlotDecoder:
         self._norm_args = {}  # id(module) -> (weight * sqrt(H), sqrt(H * eps) as a 0-d tensor)
         if cpu_fp32 and _fused_norm_matches(self.body.norm, H, param.device, param.dtype,
                                             lambda m, x: _rms_norm_fp32(x, *_scaled_norm_args(m, H))):
-            norms = [self.body.norm] + [n for layer in self.body.layers
-                                        for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-            self._norm_args = {id(n): _scaled_norm_args(n, H) for n in norms}
+            self._norm_args = {id(n): _scaled_norm_args(n, H) for n in self._all_norms()}
         attn = self.body.layers[0].self_attn
         self.q_heads = model.config.num_attention_heads
         self.head_dim = attn.head_dim
@@ -649,9 +664,10 @@ class SlotDecoder:
         """Whether the grid cache's attention has enough independent blocks for this GPU. Its kernel gives each
         (prompt, key/value head) and 64 of its G*r query positions one block, against one per (row, head) for
         the full slot cache: reading 1/G of the prompt part is a loss when the blocks leave most of the GPU idle.
-        Measured on an H200 (132 SMs): 32 x 3 = 96 blocks (SmolLM2-135M shape, 32 prompts) made the attention
-        1.8x faster than the full slot cache; 8 x 4 = 32 (Qwen2.5-7B shape, 8 prompts) made it 1.4x slower.
-        Rule: at least half as many blocks as SMs. Off CUDA: always (no such limit measured)."""
+        Measured on an H200 (132 SMs, docs/bench/check3-4): 32 x 3 = 96 blocks (SmolLM2-135M shape, 32 prompts
+        of 8 rows): attention 1.3 ms a step against 2.4 for the full slot cache, the sampler 79,064 against
+        61,149 tokens/s; 8 x 4 = 32 blocks (Qwen2.5-7B shape, 8 prompts): attention 1.7 against 1.2 ms, the
+        sampler 8,477 against 9,470 tokens/s. Rule: at least half as many blocks as SMs. Off CUDA: always."""
         device = self.body.embed_tokens.weight.device
         if device.type != "cuda":
             return True
@@ -762,6 +778,7 @@ class SlotDecoder:
 
     # ---- one decode step ---------------------------------------------------------------------------------
     def _all_norms(self) -> list:
+        """Every RMSNorm module a step runs: the final one and each layer's two."""
         return [self.body.norm] + [n for layer in self.body.layers
                                    for n in (layer.input_layernorm, layer.post_attention_layernorm)]
 
@@ -944,7 +961,8 @@ def make_decoder(model, cache_impl: str, prompt_len: int, max_new_tokens: int, c
     """The engine for this model and setting. cache_impl 'static' prefers `SlotDecoder` (Hugging Face's
     StaticCache where the architecture is not supported, its DynamicCache under autocast); 'dynamic' is
     Hugging Face's growing cache. cuda_graphs: None = on for `SlotDecoder` on CUDA without autocast.
-    split_cache, packed_weights: `SlotDecoder`'s CPU savings; None = on where they apply (float32 on the CPU)."""
+    split_cache, packed_weights: `SlotDecoder`'s CPU savings; None = on where they apply (float32 on the CPU).
+    grid_cache, stacked_weights, fused_ops: its CUDA savings; None = on where they apply (the module docstring)."""
     if cache_impl not in ("static", "dynamic"):
         raise ValueError(f"cache_impl must be 'static' or 'dynamic', got {cache_impl!r}")
     device = next(model.parameters()).device

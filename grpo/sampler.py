@@ -235,8 +235,9 @@ def sample(
     cache_impl: 'static' (preallocated, grpo/decode.py) or 'dynamic' (Hugging Face's growing cache, the
     reference). cuda_graphs: None = replay the decode step as a CUDA graph where possible (CUDA, no autocast).
     compact: drop finished rows from the decode batch (at sync points, never with a scaffold).
-    decode_options: passed to `grpo.decode.make_decoder` (split_cache, packed_weights: the CPU savings, on by
-    default in float32; set them False to measure what they save).
+    decode_options: passed to `grpo.decode.make_decoder`: split_cache, packed_weights (the CPU savings, on by
+    default in float32), grid_cache, stacked_weights, fused_ops (the CUDA savings; see grpo/decode.py for
+    where each is on by default); set one False to measure what it saves.
     An empty `eos_ids` never stops on a token (every row runs to max_new_tokens or a stop string).
     """
     if temperature <= 0 and not greedy:

@@ -51,6 +51,7 @@ class Policy:
     eos_ids: list[int]
     pad_id: int
     autocast_dtype: torch.dtype | None  # bf16 compute over fp32 master weights on CUDA, None on CPU
+    decode_copy: torch.nn.Module | None = None  # the sampler's bf16 copy of the weights (see `decode_model`)
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +61,34 @@ class Policy:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def decode_model(self, decode_weights: str = "auto") -> tuple[torch.nn.Module, bool]:
+        """The model the sampler runs and whether to run it under autocast (SamplingConfig.decode_weights).
+        With fp32 master weights and bf16 autocast, a copy of the weights in bf16 lets the sampler replay its
+        decode step as a CUDA graph (autocast casts every weight at every step, outside any graph): the copy
+        is made once, its parameters bf16 and its buffers (the rotary frequencies) as they are, and refreshed
+        from the master weights at every call, so it always samples from the current policy."""
+        if self.autocast_dtype is None or decode_weights == "master":
+            return self.model, True
+        if self.decode_copy is None:
+            if decode_weights == "auto" and not self._copy_fits():
+                return self.model, True
+            # deepcopy with every parameter already replaced by its bf16 version: no fp32 copy is ever made
+            memo = {id(p): torch.nn.Parameter(p.detach().to(self.autocast_dtype), requires_grad=False)
+                    for p in self.model.parameters()}
+            self.decode_copy = copy.deepcopy(self.model, memo).eval()
+        else:
+            with torch.no_grad():
+                for target, source in zip(self.decode_copy.parameters(), self.model.parameters()):
+                    target.copy_(source)
+        return self.decode_copy, False
+
+    def _copy_fits(self) -> bool:
+        """`auto`: a CUDA model whose bf16 copy takes under half the free GPU memory."""
+        if self.device.type != "cuda":
+            return False
+        size = sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.autocast_dtype).bits // 8
+        return size < 0.5 * torch.cuda.mem_get_info(self.device)[0]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -117,8 +146,9 @@ def generate(policy: Policy, prompts: list[str], sampling: SamplingConfig, *, gr
              scaffold: Scaffold | None = None) -> Rollout:
     stop = StopStrings(policy.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
     policy.model.eval()  # sampling: no dropout; the KV cache is used (trap 10)
-    with policy.autocast():
-        return sample(policy.model, encode_prompts(policy.tokenizer, prompts), group_size=group_size,
+    model, under_autocast = policy.decode_model(sampling.decode_weights)
+    with policy.autocast() if under_autocast else nullcontext():
+        return sample(model, encode_prompts(policy.tokenizer, prompts), group_size=group_size,
                       max_new_tokens=sampling.max_new_tokens, eos_ids=policy.eos_ids, pad_id=policy.pad_id,
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                       greedy=greedy, generator=generator, stop=stop, scaffold=scaffold,

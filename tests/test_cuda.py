@@ -228,6 +228,36 @@ def test_grid_cache_graphs_and_stacked_weights_give_the_full_slot_cache_logits(d
         assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
 
 
+def test_training_samples_from_a_bf16_copy_with_graphs(captures):
+    """fp32 master weights under bf16 autocast (the trainer's CUDA setting): `auto` samples from a bf16 copy of
+    the weights, so the decode step is captured as a graph, with log-probs as close to the autocast training
+    forward as decoding under autocast itself."""
+    from grpo.config import SamplingConfig
+    from grpo.policy import completion_logprobs
+    from grpo.train import Policy, generate
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [2 + ord(c) % 120 for c in text]}
+
+    model = tiny_model().cuda()
+    policy = Policy(model=model, tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0, autocast_dtype=torch.bfloat16)
+    diffs = {}
+    for weights in ("master", "auto"):
+        captures.clear()
+        rollout = generate(policy, ["hello there", "a longer prompt here"],
+                           SamplingConfig(max_new_tokens=12, decode_weights=weights), group_size=3,
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+        assert bool(captures) == (weights == "auto")  # autocast decodes eagerly; the copy replays graphs
+        with torch.no_grad(), policy.autocast():
+            logp = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                       rollout.completion_mask)
+        m = rollout.completion_mask.bool()
+        diffs[weights] = (logp[m] - rollout.logp[m]).abs().max().item()
+    assert policy.decode_copy is not None
+    assert diffs["auto"] < max(0.05, 1.5 * diffs["master"]), diffs
+
+
 def test_split_cache_asked_for_on_cuda_runs_eagerly_and_matches_the_graph_path():
     """The split cache is a CPU default; asked for on a CUDA float32 model it turns graphs off, takes the explicit
     softmax (the flash-with-LSE kernel it merges with on the CPU is a CPU kernel) and gives the same tokens."""

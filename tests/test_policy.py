@@ -148,3 +148,69 @@ def test_completion_logprobs_trims_padding_without_changing_a_value():
     assert wide.shape == (len(r.prompt_ids), T + 4) and (wide[:, T:] == 0).all()
     m = r.completion_mask.bool()
     assert torch.allclose(wide[:, :T][m], narrow[m], atol=1e-6)
+
+
+# ---- the sampler's bf16 copy of fp32 master weights (SamplingConfig.decode_weights) --------------------------
+class CharTokenizer:
+    """Enough of a tokenizer for `grpo.train.generate`: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + ord(c) % 120 for c in text]}
+
+
+def _autocast_policy(model):
+    from grpo.train import Policy
+
+    return Policy(model=model, tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0, autocast_dtype=torch.bfloat16)
+
+
+def test_decode_copy_is_bf16_keeps_buffers_and_follows_the_master_weights():
+    from conftest import tiny_model
+
+    model = tiny_model(tie_word_embeddings=True)
+    policy = _autocast_policy(model)
+    assert policy.decode_model("auto") == (model, True) and policy.decode_copy is None  # auto: CUDA only
+    assert policy.decode_model("master") == (model, True)
+    copy_, under_autocast = policy.decode_model("copy")
+    assert copy_ is not model and not under_autocast and not copy_.training
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy_.parameters())
+    assert copy_.get_output_embeddings().weight is copy_.get_input_embeddings().weight  # still tied
+    for (name, ours), (_, master) in zip(copy_.named_buffers(), model.named_buffers()):
+        assert ours.dtype == master.dtype and torch.equal(ours, master), name  # rotary frequencies stay fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights are untouched
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(2.0)  # an optimizer step, say
+    again, _ = policy.decode_model("copy")
+    assert again is copy_  # made once, refreshed in place
+    assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight.to(torch.bfloat16))
+    no_autocast = _autocast_policy(model)
+    no_autocast.autocast_dtype = None
+    assert no_autocast.decode_model("copy") == (model, True)  # nothing to copy without autocast
+
+
+def test_generate_from_the_decode_copy_matches_the_autocast_training_forward():
+    from conftest import tiny_model
+    from grpo.config import SamplingConfig
+    from grpo.train import generate
+
+    model = tiny_model()
+    policy = _autocast_policy(model)
+    diffs = {}
+    for weights in ("copy", "master"):  # the copy against the training forward, as decoding under autocast is
+        sampling = SamplingConfig(max_new_tokens=12, decode_weights=weights)
+        rollout = generate(policy, ["hello there", "a longer prompt here"], sampling, group_size=3,
+                           generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), policy.autocast():
+            logp = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                       rollout.completion_mask)
+        m = rollout.completion_mask.bool()
+        diffs[weights] = (logp[m] - rollout.logp[m]).abs().max().item()
+    assert policy.decode_copy is not None
+    assert diffs["copy"] < max(0.05, 1.5 * diffs["master"]), diffs  # bf16 rounding, no more than autocast's
+
+
+def test_decode_weights_is_checked():
+    from grpo.config import ConfigError, SamplingConfig
+
+    with pytest.raises(ConfigError, match="decode_weights"):
+        SamplingConfig(decode_weights="fp8")
