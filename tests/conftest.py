@@ -39,3 +39,35 @@ def data_sample(folder: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data sample {folder!r} not found in {DATA_DIR} (set RECZERO_DATA_DIR)")
     return path
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for `grpo.train.generate` on a tiny model: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + ord(c) % 120 for c in text]}
+
+
+def decode_weights_gaps(policy, settings: tuple[str, ...], device: str = "cpu", each=None) -> dict:
+    """For each `sampling.decode_weights` setting: sample 2 prompts x 3 through `grpo.train.generate` and return
+    the max abs gap between the sampler's log-probs and the autocast training forward on the same tokens.
+    each(setting) runs after each generation (a check of what the sampler did)."""
+    import torch
+
+    from grpo.config import SamplingConfig
+    from grpo.policy import completion_logprobs
+    from grpo.train import generate
+
+    gaps = {}
+    for setting in settings:
+        rollout = generate(policy, ["hello there", "a longer prompt here"],
+                           SamplingConfig(max_new_tokens=12, decode_weights=setting), group_size=3,
+                           generator=torch.Generator(device=device).manual_seed(0))
+        if each is not None:
+            each(setting)
+        with torch.no_grad(), policy.autocast():
+            logp = completion_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask,
+                                       rollout.completion_ids, rollout.completion_mask)
+        m = rollout.completion_mask.bool()
+        gaps[setting] = (logp[m] - rollout.logp[m]).abs().max().item()
+    return gaps

@@ -232,28 +232,17 @@ def test_training_samples_from_a_bf16_copy_with_graphs(captures):
     """fp32 master weights under bf16 autocast (the trainer's CUDA setting): `auto` samples from a bf16 copy of
     the weights, so the decode step is captured as a graph, with log-probs as close to the autocast training
     forward as decoding under autocast itself."""
-    from grpo.config import SamplingConfig
-    from grpo.policy import completion_logprobs
-    from grpo.train import Policy, generate
+    from conftest import CharTokenizer, decode_weights_gaps
+    from grpo.train import Policy
 
-    class CharTokenizer:
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [2 + ord(c) % 120 for c in text]}
+    policy = Policy(model=tiny_model().cuda(), tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0,
+                    autocast_dtype=torch.bfloat16)
 
-    model = tiny_model().cuda()
-    policy = Policy(model=model, tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0, autocast_dtype=torch.bfloat16)
-    diffs = {}
-    for weights in ("master", "auto"):
+    def graphs_as_expected(setting):  # autocast decodes eagerly; the copy replays graphs
+        assert bool(captures) == (setting == "auto"), setting
         captures.clear()
-        rollout = generate(policy, ["hello there", "a longer prompt here"],
-                           SamplingConfig(max_new_tokens=12, decode_weights=weights), group_size=3,
-                           generator=torch.Generator(device="cuda").manual_seed(0))
-        assert bool(captures) == (weights == "auto")  # autocast decodes eagerly; the copy replays graphs
-        with torch.no_grad(), policy.autocast():
-            logp = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                       rollout.completion_mask)
-        m = rollout.completion_mask.bool()
-        diffs[weights] = (logp[m] - rollout.logp[m]).abs().max().item()
+
+    diffs = decode_weights_gaps(policy, ("master", "auto"), device="cuda", each=graphs_as_expected)
     assert policy.decode_copy is not None
     assert diffs["auto"] < max(0.05, 1.5 * diffs["master"]), diffs
 

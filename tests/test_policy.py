@@ -151,21 +151,15 @@ def test_completion_logprobs_trims_padding_without_changing_a_value():
 
 
 # ---- the sampler's bf16 copy of fp32 master weights (SamplingConfig.decode_weights) --------------------------
-class CharTokenizer:
-    """Enough of a tokenizer for `grpo.train.generate`: one id per character."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [2 + ord(c) % 120 for c in text]}
-
-
 def _autocast_policy(model):
     from grpo.train import Policy
+
+    from conftest import CharTokenizer
 
     return Policy(model=model, tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0, autocast_dtype=torch.bfloat16)
 
 
 def test_decode_copy_is_bf16_keeps_buffers_and_follows_the_master_weights():
-    from conftest import tiny_model
 
     model = tiny_model(tie_word_embeddings=True)
     policy = _autocast_policy(model)
@@ -189,22 +183,10 @@ def test_decode_copy_is_bf16_keeps_buffers_and_follows_the_master_weights():
 
 
 def test_generate_from_the_decode_copy_matches_the_autocast_training_forward():
-    from conftest import tiny_model
-    from grpo.config import SamplingConfig
-    from grpo.train import generate
+    from conftest import decode_weights_gaps
 
-    model = tiny_model()
-    policy = _autocast_policy(model)
-    diffs = {}
-    for weights in ("copy", "master"):  # the copy against the training forward, as decoding under autocast is
-        sampling = SamplingConfig(max_new_tokens=12, decode_weights=weights)
-        rollout = generate(policy, ["hello there", "a longer prompt here"], sampling, group_size=3,
-                           generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), policy.autocast():
-            logp = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                       rollout.completion_mask)
-        m = rollout.completion_mask.bool()
-        diffs[weights] = (logp[m] - rollout.logp[m]).abs().max().item()
+    policy = _autocast_policy(tiny_model())
+    diffs = decode_weights_gaps(policy, ("copy", "master"))  # the copy against the training forward
     assert policy.decode_copy is not None
     assert diffs["copy"] < max(0.05, 1.5 * diffs["master"]), diffs  # bf16 rounding, no more than autocast's
 
