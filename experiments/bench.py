@@ -760,26 +760,21 @@ def main(argv=None) -> int:
         report["sampler"]["ours_no_graphs"], _ = bench_ours(model, prompts, s, device, False, s["seed"])
         say(f"  ours (no graphs): {report['sampler']['ours_no_graphs']['tokens_per_s']:,.0f} tokens/s")
         save()
-    if device.type == "cuda" and args.gpu_savings == "on":
-        plain = {"grid_cache": False, "stacked_weights": False, "fused_ops": False}
-        report["sampler"]["ours_full_cache_unstacked"], _ = bench_ours(model, prompts, s, device, None, s["seed"],
-                                                                       plain)
-        say(f"  ours (CUDA graphs, full slot cache, unstacked weights, eager elementwise ops): "
-            f"{report['sampler']['ours_full_cache_unstacked']['tokens_per_s']:,.0f} tokens/s")
+    def other_mode(name: str, options: dict, label: str) -> None:  # ours with some decode savings off
+        report["sampler"][name], _ = bench_ours(model, prompts, s, device, None, s["seed"], options)
+        say(f"  ours ({label}): {report['sampler'][name]['tokens_per_s']:,.0f} tokens/s")
         save()
+
+    if device.type == "cuda" and args.gpu_savings == "on":
+        other_mode("ours_full_cache_unstacked", {"grid_cache": False, "stacked_weights": False, "fused_ops": False},
+                   "CUDA graphs, full slot cache, unstacked weights, eager elementwise ops")
     if device.type == "cuda" and args.variants == "on":  # what each CUDA saving adds, graphs on
         for grid, stacked, fused in ((1, 1, 1), (0, 1, 1), (0, 1, 0), (0, 0, 1)):
-            name = f"ours_grid{grid}_stacked{stacked}_fused{fused}"
             options = {"grid_cache": bool(grid), "stacked_weights": bool(stacked), "fused_ops": bool(fused)}
-            report["sampler"][name], _ = bench_ours(model, prompts, s, device, None, s["seed"], options)
-            say(f"  ours ({options}): {report['sampler'][name]['tokens_per_s']:,.0f} tokens/s")
-            save()
+            other_mode(f"ours_grid{grid}_stacked{stacked}_fused{fused}", options, str(options))
     if device.type == "cpu" and args.cpu_savings == "on":
-        plain = {"split_cache": False, "packed_weights": False, "grid_cache": False}
-        report["sampler"]["ours_full_cache_unpacked"], _ = bench_ours(model, prompts, s, device, None, s["seed"], plain)
-        say(f"  ours (full slot cache, unpacked weights): "
-            f"{report['sampler']['ours_full_cache_unpacked']['tokens_per_s']:,.0f} tokens/s")
-        save()
+        other_mode("ours_full_cache_unpacked", {"split_cache": False, "packed_weights": False, "grid_cache": False},
+                   "full slot cache, unpacked weights")
     report["logprob_check"] = logprob_check(model, rollout, calibrate=args.calibrate == "on")
     for line in logprob_lines(report["logprob_check"]):
         say(line)

@@ -63,6 +63,7 @@ training forward).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import NamedTuple
 
@@ -387,7 +388,7 @@ class FusedOps:
     (~20 a layer, each a few microseconds however small), and these cut ~8 a layer. Only under CUDA graphs,
     where a compiled function's host-side cost (guards, launch) is paid once at capture, not every step.
 
-    Made once per process and dtype; `get` checks the compiled functions against the eager ones on two batch
+    Made once per process and model shape; `get` checks the compiled functions against the eager ones on two batch
     sizes (the second makes the batch dimension dynamic, so compactions to smaller batches recompile nothing)
     and returns None, with a warning, where compiling fails (no Triton, an unsupported PyTorch)."""
 
@@ -410,14 +411,13 @@ class FusedOps:
         try:
             ops = cls()
             tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+            def ramp(*shape, offset=0.0):  # fixed inputs, no RNG: sines of a ramp
+                n = math.prod(shape)
+                return (torch.arange(n, device=device, dtype=torch.float32).view(shape) * 0.37 + offset).sin().to(dtype)
+
             with torch.no_grad():
-                for rows in (2, 3):  # fixed inputs, no RNG: sines of a ramp
-                    def ramp(*shape, offset=0.0):
-                        n = 1
-                        for size in shape:
-                            n *= size
-                        return (torch.arange(n, device=device, dtype=torch.float32).view(shape) * 0.37 + offset) \
-                            .sin().to(dtype)
+                for rows in (2, 3):
                     qk, cos, sin = ramp(rows, heads, head_dim), ramp(rows, 1, head_dim, offset=1.0), \
                         ramp(rows, 1, head_dim, offset=2.0)
                     x, delta = ramp(rows, 1, hidden), ramp(rows, 1, hidden, offset=3.0)
@@ -527,11 +527,13 @@ class SlotDecoder:
             raise ValueError("packed_weights needs a float32 CPU model, PyTorch with MKL and linears of at most "
                              f"{PACK_LIMIT_BYTES / 2**30:g} GiB")
         self._packed = None  # PackedLinears for the current batch size (made at the first step of that size)
-        self.stack = stacking_wanted(model, _decode_linears(model)) if stacked_weights is None and not self.pack \
-            else bool(stacked_weights) and not self.pack
+        # stacked weights (CUDA): packed products stack their groups already
+        groups = _decode_linears(model)
+        self.stack = not self.pack and (stacking_wanted(model, groups) if stacked_weights is None
+                                        else bool(stacked_weights))
         if self.stack and torch.is_autocast_enabled(param.device.type):
             raise ValueError("stacked_weights needs the weights in the compute dtype (no autocast)")
-        self._stacked = _stack_linears(_decode_linears(model)) if self.stack else {}  # group -> (weight, bias)
+        self._stacked = _stack_linears(groups) if self.stack else {}  # group -> (weight, bias)
         self.kv_heads = model.config.num_key_value_heads
         self.keys: list[torch.Tensor] = []  # per layer (n, h, L, d); split: each row's own tokens (n, h, T, d)
         self.values: list[torch.Tensor] = []
