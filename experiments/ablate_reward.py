@@ -52,7 +52,7 @@ from experiments.runs import (Column, clear_run_files, config_diff, get_key, loa
 from experiments.train import run_experiment
 from grpo.config import ConfigError, build_config, read_config_values, save_config
 from grpo.runlog import plot_runs, write_json
-from grpo.train import find_latest_checkpoint
+from grpo.checkpoint import find_latest_checkpoint
 from prompts import TEMPLATES, reward_range
 from prompts.templates import open_tag
 

@@ -37,7 +37,7 @@ from experiments.runs import (BUDGET_KEYS, COMPARABLE_KEYS, Column, Run, clear_r
 from experiments.train import run_experiment
 from grpo.config import ConfigError, build_config, config_to_dict, read_config_values
 from grpo.runlog import plot_runs
-from grpo.train import find_latest_checkpoint
+from grpo.checkpoint import find_latest_checkpoint
 
 CONFIGS = Path(__file__).parent / "configs"
 RECIPES = ("reczero", "recone")

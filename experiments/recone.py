@@ -16,7 +16,10 @@ from pathlib import Path
 
 from experiments.coldstart import ReconeConfig, sft_pairs, write_traces
 from experiments.config import config_from_cli
+from experiments.export import write_merged
 from experiments.task import RecTask
+from grpo import distributed
+from grpo.lora import ADAPTERS_FILE
 from grpo.models import load_tokenizer
 from grpo.runlog import write_json
 from grpo.sft import train_sft
@@ -32,7 +35,13 @@ def run_recone(cfg: ReconeConfig) -> Path:
     cfg = copy.deepcopy(cfg)
     if not cfg.coldstart.out or cfg.coldstart.out == "runs/recone/coldstart.jsonl":
         cfg.coldstart.out = str(root / "coldstart.jsonl")
-    traces, stats = write_traces(cfg)
+    if distributed.setup().enabled:  # under torchrun the traces must exist: one writer, not one per rank
+        traces, stats = Path(cfg.coldstart.out), {"reused": True}
+        if not traces.exists():
+            raise SystemExit(f"under torchrun, write the cold-start traces first, in one process: python -m "
+                             f"experiments.coldstart --config ... coldstart.out={traces}; then run this again")
+    else:
+        traces, stats = write_traces(cfg)
     stages["coldstart"] = {"traces": str(traces), "stats": stats}
 
     # ---- 2. SFT on the kept traces (a tenth held out for validation loss and early stopping) --------------
@@ -54,15 +63,23 @@ def run_recone(cfg: ReconeConfig) -> Path:
 
     # ---- 3. GRPO from the SFT weights ---------------------------------------------------------------------
     grpo_model = copy.deepcopy(cfg.model)
-    if best.exists():
-        grpo_model.name_or_path = str(best)
-        grpo_model.random_init = {}
+    if (best / ADAPTERS_FILE).exists():  # LoRA: new adapters over the SFT adapters merged into the base
+        start = root / "sft" / "merged"
+        if distributed.setup().is_main and not start.exists():
+            write_merged(cfg.model, cfg.sft.seed, best, start)
+        distributed.setup().barrier()
+        grpo_model.name_or_path, grpo_model.random_init = str(start), {}
+    elif best.exists():
+        grpo_model.name_or_path, grpo_model.random_init = str(best), {}
     grpo_run = copy.deepcopy(cfg.run)
     grpo_run.output_dir = str(root / "grpo")
-    grpo_dir = train(grpo_model, cfg.sampling, cfg.grpo, grpo_run, task, full_config=cfg)
+    grpo_config = copy.deepcopy(cfg)
+    grpo_config.model = grpo_model  # the GRPO stage's config.yaml names the weights it started from
+    grpo_dir = train(grpo_model, cfg.sampling, cfg.grpo, grpo_run, task, full_config=grpo_config)
     stages["grpo"] = {"run": str(grpo_dir), "starts_from": grpo_model.name_or_path}
-    write_json(root / "stages.json", stages)
-    print(json.dumps(stages, indent=2))
+    if distributed.setup().is_main:
+        write_json(root / "stages.json", stages)
+        print(json.dumps(stages, indent=2))
     return root
 
 
@@ -70,7 +87,10 @@ def main(argv=None) -> int:
     cfg = config_from_cli(ReconeConfig, argv, __doc__, default_config="experiments/configs/recone.yaml")
     if cfg is None:
         return 2
-    run_recone(cfg)
+    try:
+        run_recone(cfg)
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group
     return 0
 
 if __name__ == "__main__":

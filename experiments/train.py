@@ -1,7 +1,8 @@
 """Train a recommender with GRPO: `python -m experiments.train --config experiments/configs/reczero.yaml [key=value ...]`.
 
 Overrides use dotted keys: `grpo.steps=10 sampling.temperature=0.7 task.reward=authors_code run.name=try1`.
-`--help-config` lists every key with its default and meaning.
+`--help-config` lists every key with its default and meaning. On several GPUs, the same command under torchrun:
+`torchrun --nproc_per_node 8 -m experiments.train --config ...` (see README, "Scaling up").
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from experiments.config import ExperimentConfig, load_experiment
 from experiments.task import RecTask
+from grpo import distributed
 from grpo.config import ConfigError, describe
 from grpo.models import load_tokenizer
 from grpo.train import train
@@ -30,7 +32,10 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run_dir = run_experiment(cfg)
+    try:
+        run_dir = run_experiment(cfg)
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group
     print(f"run folder: {run_dir}")
     return 0
 

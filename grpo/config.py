@@ -21,6 +21,20 @@ import yaml
 # The engine's settings. Task-specific settings (data, templates, rewards) live with the task.
 # ----------------------------------------------------------------------------------------------------
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank r; 0 = no adapters (every weight trains). With r > 0 the base weights are frozen (bf16 on
+    CUDA) and only the low-rank adapters A (r x in) and B (out x r) train, in fp32 with fp32 AdamW state."""
+    alpha: float = 16.0
+    """The adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (never while sampling)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    """Which linear layers of each decoder layer get adapters (module names as in the Hugging Face model)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "default"
     """A local Hugging Face folder, a hub id, or `default` (the converted SmolLM2-135M-Instruct)."""
@@ -35,6 +49,11 @@ class ModelConfig:
     loading weights (e.g. {model_type: qwen2, hidden_size: 64, ...}); the vocab comes from the tokenizer."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower). Never used while sampling."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters (grpo/lora.py): `model.lora.rank=16` turns them on."""
+    cpu_offload: bool = False
+    """Under torchrun (FSDP2): keep the sharded fp32 weights, gradients and AdamW state in CPU memory and
+    run the optimizer step there (FSDP2's CPUOffloadPolicy). Saves GPU memory, costs step time."""
 
 
 @dataclass

