@@ -7,6 +7,7 @@ Overrides use dotted keys: `grpo.steps=10 sampling.temperature=0.7 task.reward=a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiments.config import ExperimentConfig, load_experiment
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
         run_dir = run_experiment(cfg)
     finally:
         distributed.teardown()  # under torchrun: leave the process group
-    print(f"run folder: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        print(f"run folder: {run_dir}")
     return 0
 
 

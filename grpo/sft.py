@@ -164,13 +164,13 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     if not train_pairs:
         raise ValueError("no training pairs")
     dist = distributed.setup()  # world size 1 without torchrun
+    mine = distributed.rank_share(cfg.batch_size, dist, "sft.batch_size")  # this rank's pairs of each step
     run_dir = Path(run.output_dir or f"runs/{run.name}")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
                     run_dir / "config.yaml")
     record = RunRecord(run_dir) if dist.is_main else None  # run.json: the command line and the wall time
-    mine = distributed.rank_share(cfg.batch_size, dist, "sft.batch_size")  # this rank's pairs of each step
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 

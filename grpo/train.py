@@ -316,13 +316,13 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     """Train with GRPO; returns the run folder. `full_config` (any dataclass) is saved as config.yaml.
     Under torchrun every rank runs this same function on its share of each step (grpo.distributed)."""
     dist = distributed.setup()  # world size 1 without torchrun
+    mine = distributed.rank_share(cfg.batch_prompts, dist, "grpo.batch_prompts")  # this rank's share of B prompts
     run_dir = Path(run.output_dir or f"runs/{run.name}")
     if dist.is_main:  # rank 0 alone writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(full_config if full_config is not None else
                     _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
     record = RunRecord(run_dir, resumed=bool(run.resume)) if dist.is_main else None  # run.json: command, wall time
-    mine = distributed.rank_share(cfg.batch_prompts, dist, "grpo.batch_prompts")  # this rank's share of B prompts
     torch.manual_seed(run.seed)
     random.seed(run.seed)
 
