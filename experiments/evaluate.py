@@ -3,10 +3,20 @@
     python -m experiments.evaluate --model runs/reczero/checkpoints/step_16 --data data/amazon-music
     python -m experiments.evaluate --model default --data data/amazon-music --limit 64 --out untrained.json
 
-Greedy decoding (PAPER.md: metrics use greedy decoding). Reports MAE, RMSE, the format-failure rate (a
-failed answer is scored with a documented fallback, by default the user's average rating, and is never
-counted as correct), the histogram of predicted ratings and their correlation with the labels (a model
-that collapsed to "always 5" shows at a glance), mean completion length and time.
+Greedy decoding (PAPER.md: metrics use greedy decoding), batched, with a progress bar, on the whole split
+by default (--limit N: the first N rows only, for a quick look). Reports:
+- MAE and RMSE with 95% percentile-bootstrap intervals over rows (experiments.stats: 2000 resamples, seed 0).
+  A format failure is scored as the rating farthest from the label (label 4 on 1-5 -> 1, label 2 -> 5,
+  label 3 -> 1: distance 2 either way), so failing never makes a model look better; the same figures with a
+  failure scored as the fallback (task.fallback, by default the user's average rating) stay beside them as
+  mae_fallback / rmse_fallback ("MAE fb" in the table);
+- on the test split, every baseline on the same rows, and per model the paired bootstrap of the difference
+  model - baseline (same resampled rows for both) for MAE and RMSE, with its interval and a verdict: better
+  (interval below 0), worse (above 0), not distinguishable;
+- the format-failure rate, the histogram of parsed ratings and their correlation with the labels (a model
+  that collapsed to "always 5" shows at a glance), mean completion length and time;
+- the copy rate (experiments.copying): the share of answers whose reasoning shares more than 30% of its word
+  6-grams with another answer of the same evaluation or with the prompt's one-shot demonstration.
 
 The prompt settings (template, one-shot, prefill, token budget) are read from the run's config.yaml when
 the model is a checkpoint of a run, else from --config (default: experiments/configs/reczero.yaml), so a
@@ -24,7 +34,11 @@ import numpy as np
 
 from experiments.baselines import fit_baselines, load_splits, predict_examples, target_pairs
 from experiments.config import ExperimentConfig, load_experiment
-from experiments.task import RecTask, rating_metrics
+from experiments.copying import THRESHOLD as COPY_THRESHOLD
+from experiments.copying import copy_rate
+from experiments.stats import LEVEL, RESAMPLES, SEED, bootstrap_ci, paired_bootstrap
+from experiments.task import RecTask, rating_metrics, scored_predictions
+from prompts import get_template
 from grpo.config import apply_overrides, build_config, read_config_values
 from grpo.models import load_tokenizer
 from grpo.runlog import write_json
@@ -59,16 +73,43 @@ def resolve_config(model: str, config: str | None, overrides: list[str]) -> tupl
     return cfg, str(source)
 
 
-def baseline_rows(data_dir: str, examples: list[dict]) -> dict[str, dict]:
-    """MAE/RMSE of every baseline on exactly these rows (fitted on train, chosen on val: no test labels)."""
+def interval_metrics(errors) -> dict[str, float]:
+    """MAE and RMSE of signed per-row errors with their bootstrap intervals: mae, mae_lo, mae_hi, rmse, ..."""
+    out = {}
+    for stat in ("mae", "rmse"):
+        value, lo, hi = bootstrap_ci(errors, stat, resamples=RESAMPLES, seed=SEED, level=LEVEL)
+        out.update({stat: value, f"{stat}_lo": lo, f"{stat}_hi": hi})
+    return out
+
+
+def paired_metrics(model_errors, baseline_errors) -> dict:
+    """The paired bootstrap of model - baseline for MAE and RMSE: mae_diff, mae_diff_lo, mae_diff_hi,
+    mae_verdict, rmse_diff, ..."""
+    out = {}
+    for stat in ("mae", "rmse"):
+        r = paired_bootstrap(model_errors, baseline_errors, stat, resamples=RESAMPLES, seed=SEED, level=LEVEL)
+        out.update({f"{stat}_diff": r["diff"], f"{stat}_diff_lo": r["lo"], f"{stat}_diff_hi": r["hi"],
+                    f"{stat}_verdict": r["verdict"]})
+    return out
+
+
+def baseline_errors(data_dir: str, examples: list[dict]) -> dict[str, np.ndarray]:
+    """Signed per-row errors (prediction - label) of every baseline on exactly these rows (fitted on train,
+    chosen on val: no test labels)."""
     splits = load_splits(data_dir)
     fitted, data, scale = fit_baselines(splits["train"], splits["val"], target_pairs(splits["test"]))
     y = np.array([ex["rating"] for ex in examples], dtype=np.float64)
-    out = {}
-    for name, fb in fitted.items():
-        p = predict_examples(fb.model, data, examples, scale)
-        out[name] = {"mae": float(np.mean(np.abs(y - p))), "rmse": float(np.sqrt(np.mean((y - p) ** 2)))}
-    return out
+    return {name: predict_examples(fb.model, data, examples, scale) - y for name, fb in fitted.items()}
+
+
+def baseline_rows(data_dir: str, examples: list[dict]) -> dict[str, dict]:
+    """MAE/RMSE (with bootstrap intervals) of every baseline on exactly these rows."""
+    return {name: interval_metrics(err) for name, err in baseline_errors(data_dir, examples).items()}
+
+
+def demonstrations(cfg: ExperimentConfig) -> list[str]:
+    """The answer texts the prompt shows as a demonstration: the template's one-shot answer, if shown."""
+    return [get_template(cfg.task.template).one_shot_answer] if cfg.task.one_shot != "none" else []
 
 
 def evaluate_model(cfg: ExperimentConfig, split: str, limit: int, batch_size: int) -> tuple[dict, list[dict]]:
@@ -81,28 +122,62 @@ def evaluate_model(cfg: ExperimentConfig, split: str, limit: int, batch_size: in
     completions, lengths = greedy_completions(policy, [it["prompt"] for it in items], cfg.sampling, batch_size,
                                               progress=True)
     seconds = time.perf_counter() - start
-    rows = task.predictions(items, completions)
-    scale = task.scale(items[0]["example"])
-    metrics = rating_metrics([r["label"] for r in rows], [r["prediction"] for r in rows],
-                             [r["rating"] is None for r in rows], scale)
+    metrics, rows = score_completions(task, items, completions, demonstrations(cfg))
     metrics.update({"len_mean": float(np.mean(lengths)), "time_s": seconds,
-                    "s_per_example": seconds / max(len(items), 1), "fallback": cfg.task.fallback})
-    for row, item, completion in zip(rows, items, completions):
-        row["id"] = item["id"]
-        row["completion"] = completion
+                    "s_per_example": seconds / max(len(items), 1)})
     return metrics, rows
 
 
+def score_completions(task: RecTask, items, completions: list[str], demos: list[str]) -> tuple[dict, list[dict]]:
+    """Every metric of a set of completions that does not need the model: rating metrics (headline and
+    fallback), bootstrap intervals, copy rate; and the per-row records."""
+    rows = task.predictions(items, completions)
+    scale = task.scale(items[0]["example"]) if len(items) else (1.0, 5.0)
+    labels = [r["label"] for r in rows]
+    failed = [r["rating"] is None for r in rows]
+    metrics = rating_metrics(labels, [r["prediction"] for r in rows], failed, scale)
+    scored = scored_predictions(labels, [r["prediction"] for r in rows], failed, scale)
+    metrics.update(interval_metrics(scored - np.asarray(labels, dtype=np.float64)))
+    copies = copy_rate([task.answer(c) for c in completions], demos)
+    metrics.update({"fallback": task.cfg.fallback, "failure_scored_as": "farthest rating from the label",
+                    "ci_level": LEVEL, "bootstrap_resamples": RESAMPLES, "bootstrap_seed": SEED,
+                    "copy_rate": copies["copy_rate"], "copied": copies["copied"],
+                    "copy_comparable": copies["with_ngrams"], "copy_threshold": COPY_THRESHOLD,
+                    "copy_demonstrations": len(demos)})
+    for row, item, completion, value, share, source in zip(rows, items, completions, scored, copies["shares"],
+                                                           copies["sources"]):
+        row.update({"id": item["id"], "completion": completion, "scored_as": float(value),
+                    "copy_share": share, "copied_from": source})
+    return metrics, rows
+
+
+def _interval(m: dict, stat: str) -> str:
+    value, lo, hi = m.get(stat), m.get(f"{stat}_lo"), m.get(f"{stat}_hi")
+    if lo is None or hi is None:
+        return f"{value:7.4f}{'':17}"
+    return f"{value:7.4f} [{lo:6.4f}, {hi:6.4f}]"
+
+
+def _diff(d: dict, stat: str) -> str:
+    return (f"{stat.upper()} {d[f'{stat}_diff']:+.4f} [{d[f'{stat}_diff_lo']:+.4f}, {d[f'{stat}_diff_hi']:+.4f}] "
+            f"{d[f'{stat}_verdict']}")
+
+
 def format_table(model_rows: dict[str, dict], baselines: dict[str, dict]) -> str:
-    head = f"{'model':<34} {'MAE':>7} {'RMSE':>7} {'fmt_fail':>8} {'corr':>6} {'len':>6}  predicted 1/2/3/4/5"
+    head = (f"{'model':<34} {'MAE [95% CI]':<24} {'RMSE [95% CI]':<24} {'MAE fb':>7} {'fmt_fail':>8} "
+            f"{'copy':>6} {'corr':>6} {'len':>6}  predicted 1/2/3/4/5")
     lines = [head, "-" * len(head)]
     for name, m in baselines.items():
-        lines.append(f"{'baseline: ' + name:<34} {m['mae']:7.4f} {m['rmse']:7.4f} {'-':>8} {'-':>6} {'-':>6}")
+        lines.append(f"{'baseline: ' + name:<34} {_interval(m, 'mae'):<24} {_interval(m, 'rmse'):<24} {'-':>7} "
+                     f"{'-':>8} {'-':>6} {'-':>6} {'-':>6}")
     for name, m in model_rows.items():
         hist = "/".join(str(m.get(f"pred_hist/{r}", 0)) for r in range(1, 6))
         corr = f"{m['corr']:.3f}" if m.get("corr") == m.get("corr") else "nan"
-        lines.append(f"{name[-34:]:<34} {m['mae']:7.4f} {m['rmse']:7.4f} {m['format_fail']:8.3f} {corr:>6} "
+        lines.append(f"{name[-34:]:<34} {_interval(m, 'mae'):<24} {_interval(m, 'rmse'):<24} "
+                     f"{m['mae_fallback']:7.4f} {m['format_fail']:8.3f} {m['copy_rate']:6.3f} {corr:>6} "
                      f"{m['len_mean']:6.1f}  {hist}")
+        for base, d in (m.get("vs_baselines") or {}).items():
+            lines.append(f"    - {base}: {_diff(d, 'mae')}; {_diff(d, 'rmse')}")
     return "\n".join(lines)
 
 
@@ -121,6 +196,7 @@ def main(argv=None) -> int:
 
     results = {}
     per_row = {}
+    errors = {}
     examples = None
     for model in args.model:
         cfg, source = resolve_config(model, args.config, args.overrides + [f"task.data_dir={args.data}"])
@@ -129,13 +205,21 @@ def main(argv=None) -> int:
         metrics["config"] = source
         results[model] = metrics
         per_row[model] = rows
+        errors[model] = np.array([r["scored_as"] - r["label"] for r in rows], dtype=np.float64)
         if examples is None:
             task = RecTask(cfg.task, load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path))
             examples = task.examples(args.split)[: args.limit or None]
-    baselines = baseline_rows(args.data, examples) if args.split == "test" else {}
+    base_errors = baseline_errors(args.data, examples) if args.split == "test" else {}
+    baselines = {name: interval_metrics(err) for name, err in base_errors.items()}
+    for model, metrics in results.items():
+        metrics["vs_baselines"] = {name: paired_metrics(errors[model], err) for name, err in base_errors.items()}
     print(format_table(results, baselines))
     failed_note = results[args.model[0]]["fallback"]
-    print(f"(n = {len(examples)} rows of {args.split}; a failed answer is scored as the {failed_note} rating)")
+    print(f"(n = {len(examples)} rows of {args.split}; MAE / RMSE score a failed answer as the rating farthest "
+          f"from the label, 'MAE fb' as the {failed_note} rating; [..]: {LEVEL:.0%} bootstrap intervals over rows, "
+          f"{RESAMPLES} resamples; under each model: model - baseline on the same rows, paired bootstrap; "
+          f"copy: answers sharing > {COPY_THRESHOLD:.0%} of their word 6-grams with another answer or the "
+          f"demonstration)")
     if args.out:
         write_json(Path(args.out), {"data": args.data, "split": args.split, "n": len(examples),
                                     "command": "python -m experiments.evaluate " + " ".join(argv or sys.argv[1:]),

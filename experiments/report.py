@@ -90,9 +90,42 @@ def _train_time(run: Run, kind: str) -> tuple[float | None, str]:
     return seconds, source
 
 
+INTERVAL_KEYS = ("mae_lo", "mae_hi", "rmse_lo", "rmse_hi")
+
+
+def _interval_text(row: dict, stat: str) -> str | None:
+    lo, hi = row.get(f"{stat}_lo"), row.get(f"{stat}_hi")
+    return f"[{lo:.4f}, {hi:.4f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
+
+
+def _verdicts(vs_baselines: dict | None, stat: str) -> str | None:
+    """'global_mean: better (-0.1234 [-0.2000, -0.0500]); mf: not distinguishable (...)' from an evaluate
+    JSON's vs_baselines; None when the file predates them."""
+    if not isinstance(vs_baselines, dict) or not vs_baselines:
+        return None
+    parts = []
+    for name, d in vs_baselines.items():
+        try:
+            parts.append(f"{name}: {d[f'{stat}_verdict']} ({d[f'{stat}_diff']:+.4f} "
+                         f"[{d[f'{stat}_diff_lo']:+.4f}, {d[f'{stat}_diff_hi']:+.4f}])")
+        except (KeyError, TypeError, ValueError):
+            continue
+    return "; ".join(parts) or None
+
+
 def _metric_row(metrics: dict) -> dict:
-    return {"mae": metrics.get("mae"), "rmse": metrics.get("rmse"), "format_fail": metrics.get("format_fail"),
-            "len_mean": metrics.get("len_mean"), "n": metrics.get("n")}
+    """The table's numbers of one evaluation; the intervals, fallback-scored figures, copy rate and verdicts
+    only where an `experiments.evaluate` JSON has them (older files and run evaluations leave them empty)."""
+    row = {"mae": metrics.get("mae"), "rmse": metrics.get("rmse"), "format_fail": metrics.get("format_fail"),
+           "len_mean": metrics.get("len_mean"), "n": metrics.get("n"),
+           "mae_fallback": metrics.get("mae_fallback"), "rmse_fallback": metrics.get("rmse_fallback"),
+           "copy_rate": metrics.get("copy_rate"), **{k: metrics.get(k) for k in INTERVAL_KEYS},
+           "vs_baselines_mae": _verdicts(metrics.get("vs_baselines"), "mae"),
+           "vs_baselines_rmse": _verdicts(metrics.get("vs_baselines"), "rmse")}
+    row["mae_ci"], row["rmse_ci"] = _interval_text(row, "mae"), _interval_text(row, "rmse")
+    if metrics.get("format_fail"):  # only matters where something failed; older files lack mae_fallback
+        row["failures_scored_as"] = "farthest" if "mae_fallback" in metrics else "fallback (older file)"
+    return row
 
 
 def run_rows(root: Path) -> tuple[list[dict], list[str]]:
@@ -156,8 +189,10 @@ def evaluation_rows(path: Path, root: Path) -> list[dict]:
         rows.append({**common, "kind": kind, "name": name, **_metric_row(metrics),
                      "n": metrics.get("n", record.get("n")), "train_s": seconds, "train_time_source": source})
     for name, metrics in (record.get("baselines_same_rows") or {}).items():
-        rows.append({**common, "kind": "baseline (same rows)", "name": name, "mae": metrics.get("mae"),
-                     "rmse": metrics.get("rmse"), "n": record.get("n")})
+        row = {**common, "kind": "baseline (same rows)", "name": name, "mae": metrics.get("mae"),
+               "rmse": metrics.get("rmse"), "n": record.get("n"), **{k: metrics.get(k) for k in INTERVAL_KEYS}}
+        row["mae_ci"], row["rmse_ci"] = _interval_text(row, "mae"), _interval_text(row, "rmse")
+        rows.append(row)
     return rows
 
 
@@ -190,13 +225,18 @@ def published_rows(datasets: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 COLUMNS = [
     Column("kind", "kind"), Column("name", "name"), Column("split", "split"), Column("n", "n"),
-    Column("steps", "steps"), Column("mae", "MAE", ".4f"), Column("rmse", "RMSE", ".4f"),
-    Column("format_fail", "format failures", ".3f"), Column("len_mean", "tokens / answer", ".1f"),
-    Column("train_time", "training time"),
+    Column("steps", "steps"), Column("mae", "MAE", ".4f"), Column("mae_ci", "MAE 95% CI"),
+    Column("rmse", "RMSE", ".4f"), Column("rmse_ci", "RMSE 95% CI"), Column("mae_fallback", "MAE (fallback)", ".4f"),
+    Column("format_fail", "format failures", ".3f"), Column("failures_scored_as", "failures scored as"),
+    Column("copy_rate", "copy rate", ".3f"),
+    Column("vs_baselines_mae", "MAE vs baselines (paired)"),
+    Column("len_mean", "tokens / answer", ".1f"), Column("train_time", "training time"),
     Column("paper_mae", "paper MAE", ".4f"), Column("command", "command"),
 ]
-CSV_KEYS = ["dataset", "kind", "name", "split", "n", "steps", "mae", "rmse", "format_fail", "len_mean", "train_s",
-            "train_time_source", "paper_mae", "paper_note", "source", "command"]
+CSV_KEYS = ["dataset", "kind", "name", "split", "n", "steps", "mae", "mae_lo", "mae_hi", "rmse", "rmse_lo", "rmse_hi",
+            "mae_fallback", "rmse_fallback", "format_fail", "failures_scored_as", "copy_rate", "vs_baselines_mae",
+            "vs_baselines_rmse", "len_mean", "train_s", "train_time_source", "paper_mae", "paper_note", "source",
+            "command"]
 
 
 def collect(runs_root: Path, data_dirs: list[Path], evals: list[Path]) -> tuple[list[dict], list[str]]:
@@ -230,8 +270,15 @@ def collect(runs_root: Path, data_dirs: list[Path], evals: list[Path]) -> tuple[
 
 def render(rows: list[dict], notes: list[str], command: str) -> str:
     lines = ["# Results", "", f"Written by `{command}`.", "",
-             "MAE / RMSE of the predicted rating (a failed answer is scored as the user's average rating, never as "
-             "right). `split` / `n`: what a row was measured on; a run's own evaluation is its last one, on the "
+             "MAE / RMSE of the predicted rating. A failed answer (format failure) is scored as the rating farthest "
+             "from the label, so failing never looks better than answering (evaluations written before this rule "
+             "scored it as the user's average rating: `failures scored as` says which rule a row used, `MAE (fallback)` "
+             "is the fallback-scored figure where a file has it). "
+             "`MAE 95% CI` / `RMSE 95% CI`: percentile-bootstrap intervals over rows; `MAE vs baselines (paired)`: "
+             "model - baseline MAE on the same rows with its paired-bootstrap interval, better / worse when the "
+             "interval excludes 0 (RMSE in results.csv); `copy rate`: answers sharing > 30% of their word 6-grams "
+             "with another answer or the prompt's demonstration; these come from `experiments.evaluate` files and "
+             "are empty elsewhere. `split` / `n`: what a row was measured on; a run's own evaluation is its last one, on the "
              "first n validation rows, baselines.json covers the whole test split, `experiments.evaluate` rows say "
              "theirs. Only rows of the same split and n are comparable. `paper MAE`: the figure the paper publishes for that "
              "kind of model on that dataset (Qwen2.5-7B on the authors' splits, so a reference, not a like-for-like "

@@ -32,7 +32,8 @@ class TaskConfig:
     max_train_examples: int = 0
     """Use at most this many training examples (the first ones of train.jsonl; 0 = all)."""
     fallback: str = "user_avg"
-    """What a failed answer is scored as in MAE/RMSE: user_avg, item_avg or global_mean (never the label)."""
+    """What a failed answer is scored as in the secondary mae_fallback/rmse_fallback: user_avg, item_avg or
+    global_mean (never the label). The headline MAE/RMSE score it as the rating farthest from the label."""
 
 
 FALLBACKS = ("user_avg", "item_avg", "global_mean")
@@ -43,19 +44,49 @@ def read_examples(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def worst_ratings(labels, scale=(1.0, 5.0)) -> np.ndarray:
+    """Per label, the rating on the scale farthest from it: what a format failure is scored as in the headline
+    MAE / RMSE, so that failing can never score better than any answer on the scale. A label on the scale's
+    midpoint (3 on 1-5) is as far from both ends: the low end is chosen (the error is the same either way)."""
+    y = np.asarray(labels, dtype=np.float64)
+    lo, hi = float(scale[0]), float(scale[1])
+    return np.where(y - lo >= hi - y, lo, hi)
+
+
+def scored_predictions(labels, predictions, failed, scale=(1.0, 5.0)) -> np.ndarray:
+    """The predictions the headline MAE / RMSE score: a parsed rating as is, a failure as `worst_ratings`."""
+    p = np.asarray(predictions, dtype=np.float64)
+    return np.where(np.asarray(failed, dtype=bool), worst_ratings(labels, scale), p)
+
+
 def rating_metrics(labels, predictions, failed, scale=(1.0, 5.0)) -> dict[str, float]:
-    """MAE / RMSE of the predictions (failures already replaced by the fallback), with the format-failure
-    rate, the prediction histogram and the Pearson correlation, so a collapse to one rating is visible."""
+    """Rating metrics of an evaluation; a format failure never makes a model look better.
+
+    `predictions`: the parsed rating of each well-formed answer, and for a failure (`failed` True) the
+    fallback rating it was given (the user's average, by default). Keys:
+    - mae / rmse (the headline): a failure scored as the rating farthest from the label (`worst_ratings`), so
+      a model that fails every row scores at least as badly as any predictor on the scale;
+    - mae_fallback / rmse_fallback: a failure scored as its fallback rating (the figures before the headline
+      changed; a model that always fails looks as good as the fallback predictor here);
+    - mae_parsed_only: the well-formed answers alone; format_fail: the failure rate;
+    - integer_share, the histogram `pred_hist/<r>` and `corr` (Pearson, labels vs predictions) of the parsed
+      answers only (what the model itself said: nan with fewer than 2 parsed answers or no spread), so a
+      collapse to one rating is visible."""
     y = np.asarray(labels, dtype=np.float64)
     p = np.asarray(predictions, dtype=np.float64)
     failed = np.asarray(failed, dtype=bool)
-    out = {"n": int(len(y)), "mae": float(np.mean(np.abs(y - p))) if len(y) else float("nan"),
-           "rmse": float(np.sqrt(np.mean((y - p) ** 2))) if len(y) else float("nan"),
-           "format_fail": float(failed.mean()) if len(y) else float("nan")}
+    scored = scored_predictions(y, p, failed, scale)
+    nan = float("nan")
+    out = {"n": int(len(y)), "mae": float(np.mean(np.abs(y - scored))) if len(y) else nan,
+           "rmse": float(np.sqrt(np.mean((y - scored) ** 2))) if len(y) else nan,
+           "mae_fallback": float(np.mean(np.abs(y - p))) if len(y) else nan,
+           "rmse_fallback": float(np.sqrt(np.mean((y - p) ** 2))) if len(y) else nan,
+           "format_fail": float(failed.mean()) if len(y) else nan}
     ok = ~failed
-    out["mae_parsed_only"] = float(np.mean(np.abs(y[ok] - p[ok]))) if ok.any() else float("nan")
-    out["integer_share"] = float(np.mean(p[ok] == np.round(p[ok]))) if ok.any() else float("nan")
-    out["corr"] = float(np.corrcoef(y, p)[0, 1]) if len(y) > 1 and y.std() > 0 and p.std() > 0 else float("nan")
+    out["mae_parsed_only"] = float(np.mean(np.abs(y[ok] - p[ok]))) if ok.any() else nan
+    out["integer_share"] = float(np.mean(p[ok] == np.round(p[ok]))) if ok.any() else nan
+    yo, po = y[ok], p[ok]
+    out["corr"] = float(np.corrcoef(yo, po)[0, 1]) if len(yo) > 1 and yo.std() > 0 and po.std() > 0 else nan
     lo, hi = int(scale[0]), int(scale[1])
     rounded = np.clip(np.round(p[ok]), lo, hi).astype(int)
     for r in range(lo, hi + 1):

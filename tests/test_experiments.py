@@ -1,8 +1,9 @@
 """The ablation, convergence and report commands end to end on a tiny random model and the real music sample.
 
-A random model never writes the answer format, so every final prediction is the fallback (the user's average
-rating): the tests check the commands' numbers against that, computed here from the data, and against the run
-folders' own files, not only that files exist."""
+A random model never writes the answer format, so every answer is a format failure, scored in the headline
+MAE / RMSE as the rating farthest from the label and in mae_fallback / rmse_fallback as the fallback (the user's
+average rating): the tests check the commands' numbers against both, computed here from the data, and against the
+run folders' own files, not only that files exist."""
 import json
 from argparse import Namespace
 from pathlib import Path
@@ -72,6 +73,14 @@ def fallback_mae_rmse(music: Path, n: int) -> tuple[float, float]:
     rows = [json.loads(line) for line in (music / "val.jsonl").read_text().splitlines()[:n]]
     err = np.array([r["rating"] - r["user_avg_rating"] for r in rows], dtype=float)
     return float(np.abs(err).mean()), float(np.sqrt((err ** 2).mean()))
+
+
+def worst_mae_rmse(music: Path, n: int, split: str = "val") -> tuple[float, float]:
+    """MAE / RMSE of predicting, for each of the first n rows, the rating farthest from its label on 1-5 (how
+    a model that never writes the format is scored in the headline figures)."""
+    rows = [json.loads(line) for line in (music / f"{split}.jsonl").read_text().splitlines()[:n]]
+    err = np.array([max(r["rating"] - 1.0, 5.0 - r["rating"]) for r in rows], dtype=float)
+    return float(err.mean()), float(np.sqrt((err ** 2).mean()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +158,8 @@ def test_ablation_writes_a_row_per_variant_and_survives_a_crash(ablation, music)
     assert "micro_batch" in marker["traceback"]  # it failed where the bad override bites, inside the training loop
     assert not (out / "format_only" / "eval.json").exists()
 
-    mae, rmse = fallback_mae_rmse(music, 2)
+    mae, rmse = worst_mae_rmse(music, 2)
+    fallback_mae, fallback_rmse = fallback_mae_rmse(music, 2)
     for row in rows:
         if row["status"] != "done":
             continue
@@ -157,6 +167,9 @@ def test_ablation_writes_a_row_per_variant_and_survives_a_crash(ablation, music)
         final = json.loads((out / name / "eval.json").read_text())
         assert float(row["mae"]) == pytest.approx(final["eval/mae"]) == pytest.approx(mae)
         assert float(row["rmse"]) == pytest.approx(rmse)
+        # The fallback-scored figures stay in the run's evaluation, beside the headline, and are never better.
+        assert final["eval/mae_fallback"] == pytest.approx(fallback_mae) and fallback_mae <= mae
+        assert final["eval/rmse_fallback"] == pytest.approx(fallback_rmse)
         assert float(row["format_fail"]) == 1.0 and row["integer_share"] == ""  # nothing parsed
         assert float(row["len_mean"]) == pytest.approx(final["eval/len_mean"]) and 0 < float(row["len_mean"]) <= 8
         assert int(row["n"]) == 2 and int(row["steps"]) == 1
@@ -342,6 +355,20 @@ def test_report_collects_runs_baselines_and_evaluations(ablation, converged, mus
     zero = runs_root / "convergence" / "reczero"
     assert evaluate_main(["--model", str(zero / "checkpoints" / "step_2"), "--data", str(music), "--limit", "2",
                           "--out", str(runs_root / "eval_reczero.json")]) == 0
+    record = read_json(runs_root / "eval_reczero.json")
+    (model_key, m), = record["models"].items()
+    worst_mae, worst_rmse = worst_mae_rmse(music, 2, "test")
+    assert m["format_fail"] == 1.0 and m["mae"] == pytest.approx(worst_mae) and m["rmse"] == pytest.approx(worst_rmse)
+    assert m["mae_lo"] <= m["mae"] <= m["mae_hi"] and m["rmse_lo"] <= m["rmse"] <= m["rmse_hi"]
+    assert m["mae_fallback"] <= m["mae"] and 0.0 <= m["copy_rate"] <= 1.0 and m["ci_level"] == 0.95
+    assert set(m["vs_baselines"]) == set(baselines) == set(record["baselines_same_rows"])
+    for name, d in m["vs_baselines"].items():
+        assert d["mae_diff"] == pytest.approx(m["mae"] - record["baselines_same_rows"][name]["mae"])
+        assert d["mae_diff_lo"] <= d["mae_diff"] <= d["mae_diff_hi"] and d["rmse_diff_lo"] <= d["rmse_diff_hi"]
+        assert d["mae_verdict"] in ("better", "worse", "not distinguishable") and "rmse_verdict" in d
+        assert d["mae_verdict"] != "better"  # failing every row never beats a baseline
+    for r in record["predictions"][model_key]:
+        assert {"scored_as", "copy_share", "copied_from"} <= set(r) and abs(r["scored_as"] - r["label"]) >= 2
     out = tmp_path / "report"
     assert report_main(["--runs", str(runs_root), "--data", str(music), "--out", str(out)]) == 0
     rows = read_csv(out / "results.csv")
@@ -369,7 +396,7 @@ def test_report_collects_runs_baselines_and_evaluations(ablation, converged, mus
             if read_json(runs_root / "ablate" / n / "variant.json").get("status") == "done"}
     assert ablations == done and len(done) >= 6
 
-    mae, _ = fallback_mae_rmse(music, 2)
+    mae, _ = worst_mae_rmse(music, 2)
     untrained = [r for r in rows if r["kind"] == "untrained"]
     assert untrained and all(float(r["mae"]) == pytest.approx(mae) for r in untrained)
     templates = {r["name"].split("template ")[1].split(" ")[0] for r in untrained}
@@ -377,6 +404,8 @@ def test_report_collects_runs_baselines_and_evaluations(ablation, converged, mus
 
     evaluated = [r for r in rows if "(experiments.evaluate)" in r["name"]]
     assert len(evaluated) == 1 and evaluated[0]["kind"] == "RecZero" and evaluated[0]["split"] == "test"
+    assert evaluated[0]["vs_baselines_mae"].count(":") == len(baselines)
+    assert float(evaluated[0]["mae_lo"]) == pytest.approx(m["mae_lo"]) and evaluated[0]["vs_baselines_rmse"]
     assert evaluated[0]["command"].startswith("python -m experiments.evaluate --model")
     assert len([r for r in rows if r["kind"] == "baseline (same rows)"]) == len(baselines)
     published = by_name[("published", "Reason4Rec (paper's strongest baseline)")]
@@ -385,3 +414,4 @@ def test_report_collects_runs_baselines_and_evaluations(ablation, converged, mus
     md = (out / "results.md").read_text()
     assert f"## {music.name}" in md and "| RecZero | convergence/reczero | val | 2 | " in md
     assert md.index("| baseline |") < md.index("| RecZero |") < md.index("| ablation |")
+    assert f"| [{m['mae_lo']:.4f}, {m['mae_hi']:.4f}] |" in md and "MAE vs baselines (paired)" in md
