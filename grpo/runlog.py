@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -37,14 +38,47 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file. A last line cut short by a kill (no newline, not valid JSON) is dropped;
+    a broken line anywhere else is an error naming it."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f.read().split("\n")]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines):  # the torn tail of an interrupted append
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+    return records
 
 
 def write_json(path: Path, record: dict) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(_clean(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "eval.json", "curves.png", "checkpoints",
+             "tensorboard")
+
+
+def claim_run_folder(run_dir: Path, resume: str, overwrite: bool, delete: bool = True) -> None:
+    """Make sure a run may write into `run_dir`: a folder that holds a run is continued (`run.resume`) or,
+    with `run.overwrite`, emptied of that run's files (when `delete`: rank 0 under torchrun); anything else
+    is refused before a single file is written, so a finished run is never trained over by accident."""
+    held = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with "
+                              "run.resume=latest, start it over with run.overwrite=true, or choose another "
+                              "run.name / run.output_dir")
+    for name in held if delete else []:
+        path = Path(run_dir) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class RunLog:
@@ -72,13 +106,16 @@ class RunLog:
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget metric lines of steps after the checkpoint, so the curves stay one line."""
+        """On resume: forget metric lines of steps after the checkpoint (all of them for step -1: a run
+        killed before its first checkpoint starts over), so the curves stay one line."""
         if not self.enabled:
             return
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+                tmp = Path(str(path) + ".tmp")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+                tmp.replace(path)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -186,6 +223,11 @@ class RunRecord:
         self.sessions = list(previous.get("sessions", []))
         self.sessions.append({"command": command_line(), "cwd": os.getcwd(), "started": _now(), **extra})
         self._t0 = time.perf_counter()
+        self._write(finished=False)
+
+    def heartbeat(self, **extra) -> None:
+        """Record the wall time so far (each step): a killed session still counts up to its last beat."""
+        self.sessions[-1].update({"last_seen": _now(), "wall_s": time.perf_counter() - self._t0, **extra})
         self._write(finished=False)
 
     def finish(self, **extra) -> None:

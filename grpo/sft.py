@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from grpo import distributed
 from grpo.checkpoint import prune_checkpoints, save_checkpoint
-from grpo.config import ModelConfig, RunConfig, SamplingConfig, save_config
+from grpo.config import ModelConfig, RunConfig, SamplingConfig, check, save_config
 from grpo.policy import completion_logprobs
-from grpo.runlog import RunLog, RunRecord, write_json
+from grpo.runlog import RunLog, RunRecord, claim_run_folder, write_json
 from grpo.sampler import left_pad
 from grpo.task import Task
 from grpo.train import Policy, batch_indices, encode_prompts, evaluate, load_policy, make_optimizer
@@ -61,6 +61,18 @@ class SFTConfig:
     """Longer targets are cut to this many tokens (and then get no EOS: a cut trace is not a finished one)."""
     seed: int = 0
     """Seeds the data order and (for random_init models) the initialisation."""
+
+    def __post_init__(self):
+        check("sft", epochs=(self.epochs >= 1, f"must be >= 1, got {self.epochs}"),
+              max_steps=(self.max_steps >= 0, f"must be >= 0 (0 = epochs), got {self.max_steps}"),
+              batch_size=(self.batch_size >= 1, f"must be >= 1, got {self.batch_size}"),
+              micro_batch_size=(self.micro_batch_size >= 1, f"must be >= 1, got {self.micro_batch_size}"),
+              lr=(self.lr >= 0, f"must be >= 0, got {self.lr}"),
+              warmup_steps=(self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}"),
+              max_grad_norm=(self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}"),
+              eval_every=(self.eval_every >= 0, f"must be >= 0, got {self.eval_every}"),
+              patience=(self.patience >= 0, f"must be >= 0, got {self.patience}"),
+              max_completion_tokens=(self.max_completion_tokens >= 1, f"must be >= 1, got {self.max_completion_tokens}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,6 +178,8 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     dist = distributed.setup()  # world size 1 without torchrun
     mine = distributed.rank_share(cfg.batch_size, dist, "sft.batch_size")  # this rank's pairs of each step
     run_dir = Path(run.output_dir or f"runs/{run.name}")
+    claim_run_folder(run_dir, run.resume, run.overwrite, delete=dist.is_main)  # before anything is written
+    dist.barrier()
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
@@ -235,6 +249,9 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]  # the rate this update used
+        if not (math.isfinite(loss) and math.isfinite(float(distributed.full_tensor(grad_norm)))):
+            raise FloatingPointError(f"step {step}: the loss or gradient norm is not finite (sft.lr={cfg.lr:g} is "
+                                     "the usual cause); nothing was applied")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         policy.weights_changed()

@@ -38,7 +38,7 @@ from grpo.functional import aggregate_loss, clipped_surrogate, group_advantages,
 from grpo.models import build_random_model, load_model, load_tokenizer, pick_device, pick_dtype
 from grpo.lora import add_lora, adapters_disabled
 from grpo.policy import completion_logprobs
-from grpo.runlog import RunLog, RunRecord, write_json
+from grpo.runlog import RunLog, RunRecord, claim_run_folder, write_json
 from grpo.sampler import Rollout, Scaffold, StopStrings, sample
 from grpo.task import Task
 
@@ -318,6 +318,12 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     dist = distributed.setup()  # world size 1 without torchrun
     mine = distributed.rank_share(cfg.batch_prompts, dist, "grpo.batch_prompts")  # this rank's share of B prompts
     run_dir = Path(run.output_dir or f"runs/{run.name}")
+    train_items = task.items("train")  # the inputs are read, and the folder checked, before anything is written
+    val_items = task.items("val")[: run.eval_examples] if run.eval_examples > 0 else []
+    if len(train_items) == 0:
+        raise ValueError("the task has no training items")
+    claim_run_folder(run_dir, run.resume, run.overwrite, delete=dist.is_main)
+    dist.barrier()
     if dist.is_main:  # rank 0 alone writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(full_config if full_config is not None else
@@ -332,11 +338,6 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     model = policy.model
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.adam_betas)
     generator = torch.Generator(device=policy.device)
-
-    train_items = task.items("train")
-    val_items = task.items("val")[: run.eval_examples] if run.eval_examples > 0 else []
-    if len(train_items) == 0:
-        raise ValueError("the task has no training items")
     B, G = cfg.batch_prompts, cfg.group_size
 
     log = RunLog(run_dir, ["reward/mean", *task.curve_keys], tensorboard=run.tensorboard, plot=run.plot,
@@ -349,6 +350,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
             log.truncate_after(start_step)
             log.print(f"resumed from {ckpt} at step {start_step}")
         else:
+            log.truncate_after(-1)  # killed before its first checkpoint: its metrics start over with it
             log.print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
 
     def run_eval(step: int) -> dict:
@@ -361,7 +363,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, dist, model_cfg.lora)
 
-    last_eval = {}
+    last_eval, nonfinite_in_a_row, collapse_warned = {}, 0, False
     if start_step == 0 and run.eval_at_start:
         last_eval = run_eval(0)
 
@@ -417,19 +419,28 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
                     reference = policy.reference or model
                     ref_logp = torch.cat([logprobs_of(reference, rows) for rows in micro_batches])  # (N, T)
 
-        # ---- 6. mu policy updates over the rollout -----------------------------------------------------------
+        # ---- 6. mu policy updates over the rollout (one whose loss or gradient is not finite is skipped) ------
         model.train()
+        skipped = 0
         for _ in range(cfg.mu):
             sums = accumulate_policy_gradients(lambda rows: logprobs_of(model, rows), micro_batches, advantages,
                                                mask, old_logp, ref_logp, cfg, max_completion_len=sampling.max_new_tokens,
                                                total_tokens=total_tokens, total_seqs=float(B * G))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            optimizer.step()
+            if math.isfinite(dist.all_sum(sums["loss"])) and math.isfinite(float(distributed.full_tensor(grad_norm))):
+                optimizer.step()
+                policy.weights_changed()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            policy.weights_changed()
         scheduler.step()
         metrics["time/update_s"] = time.perf_counter() - t0
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise FloatingPointError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                                     f"and were skipped (up to step {step + 1}): the learning rate (grpo.lr="
+                                     f"{cfg.lr:g}) is the usual cause; the last good checkpoint is untouched")
 
         # ---- 7. metrics (over every rank's rows), samples, evaluation, checkpoint -------------------------
         parts = [p for _, p in scored]
@@ -452,12 +463,20 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
                        max(dist.all_sum(rollout.completion_mask.sum()), 1.0),
             "grad/norm": float(distributed.full_tensor(grad_norm)),
             "lr": scheduler.get_last_lr()[0],
+            "update/skipped_nonfinite": skipped,
             "tokens_per_s": float(all_lengths.sum()) / max(metrics["time/generate_s"], 1e-9),
         })
         if metrics["adv/frac_zero_std"] == 1.0 and step == start_step:
             log.print("warning: every group's rewards are equal: this step's gradient is exactly zero "
                       "(see README: 'when nothing is learned')")
+        if metrics["grad/norm"] == 0.0 and metrics["adv/frac_zero_std"] < 1.0 and not collapse_warned:
+            collapse_warned = True  # rewards differ, yet nothing moves: a saturated (collapsed) policy
+            log.print(f"warning: the gradient is exactly zero at step {step + 1} although rewards differ within "
+                      f"groups: the policy may have collapsed (a learning rate far too high, grpo.lr={cfg.lr:g}, "
+                      "does this)")
         log.log(step + 1, metrics)
+        if record is not None:
+            record.heartbeat(steps=step + 1)
         if run.samples_every > 0 and (step + 1) % run.samples_every == 0:
             log.samples(step + 1, [  # rank 0's rows
                 {"prompt": batch[n // G]["prompt"], "item_id": batch[n // G]["id"], "completion": completions[n],
