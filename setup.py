@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: only to convert the packaged SmolLM2 GGUF into safetensors (`make model`).
-        "dev": ["pytest", "gguf", "accelerate"],
+        # hypothesis: the property tests of the completion parser and the rewards (tests/test_prompts_property.py).
+        "dev": ["pytest", "gguf", "accelerate", "hypothesis"],
     },
 )

@@ -1,4 +1,4 @@
-"""Reward and template ablations (PAPER.md, "Ablation variants"): the same model, data, seeds and GRPO budget
+"""Reward and template ablations (docs/paper.md, "Ablation variants"): the same model, data, seeds and GRPO budget
 trained once per variant, each through the same loop as `experiments.train` (grpo.train.train).
 
     python -m experiments.ablate_reward --budget small          # SmolLM2-135M on the 2-core CPU, 7 variants, < 1 h

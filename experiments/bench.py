@@ -337,7 +337,7 @@ def hf_cached_logprobs(model, prompt_ids, prompt_mask, completion_ids) -> torch.
 
 @torch.no_grad()
 def logprob_check(model, rollout, rows: int = 16, calibrate: bool = True) -> dict:
-    """The sampler's log-probs against the training forward on the same tokens (GRPO_NOTES trap 1), calibrated
+    """The sampler's log-probs against the training forward on the same tokens (docs/grpo.md trap 1), calibrated
     by Hugging Face's own cached decode against the same training forward on the same rows.
 
     A decode step and a full forward run different kernels (other matmul shapes, another attention kernel),

@@ -1,7 +1,7 @@
 """Cold-start reasoning traces for RecOne: `python -m experiments.coldstart --config experiments/configs/recone.yaml`.
 
 Two teachers write answers in the four-tag format for training examples; only traces that parse under the
-strict format rule and whose rating is within `tolerance` of the label are kept (PAPER.md, RecOne):
+strict format rule and whose rating is within `tolerance` of the label are kept (docs/paper.md, RecOne):
 - `teacher: self` (default, no network; the paper's open question 1): the current model samples
   `samples_per_example` answers per example; the kept answer is the one closest to the label. Bias
   correction: when none is close enough, the model is asked again with the true rating given.

@@ -3,7 +3,7 @@
     python -m experiments.evaluate --model runs/reczero/checkpoints/step_16 --data data/amazon-music
     python -m experiments.evaluate --model default --data data/amazon-music --limit 64 --out untrained.json
 
-Greedy decoding (PAPER.md: metrics use greedy decoding), batched, with a progress bar, on the whole split
+Greedy decoding (docs/paper.md, "Evaluation"), batched, with a progress bar, on the whole split
 by default (--limit N: the first N rows only, for a quick look). Reports:
 - MAE and RMSE with 95% percentile-bootstrap intervals over rows (experiments.stats: 2000 resamples, seed 0).
   A format failure is scored as the rating farthest from the label (label 4 on 1-5 -> 1, label 2 -> 5,
@@ -21,11 +21,16 @@ by default (--limit N: the first N rows only, for a quick look). Reports:
 The prompt settings (template, one-shot, prefill, token budget) are read from the run's config.yaml when
 the model is a checkpoint of a run, else from --config (default: experiments/configs/reczero.yaml), so a
 model is evaluated with the prompts it was trained on.
+
+Before any model is loaded, the split is checked: a missing or empty split, or a row without a `rating`
+label, is a one-line error (exit 2; unlabelled examples go to experiments.predict), and so is an --out that
+names one of the data folder's files. --out is written to a temporary file beside it and renamed.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,8 +46,9 @@ from experiments.task import RecTask, rating_metrics, scored_predictions
 from prompts import get_template
 from grpo.config import apply_overrides, build_config, read_config_values
 from grpo.models import load_tokenizer
-from grpo.runlog import write_json
+from grpo.runlog import _clean as json_safe
 from grpo.train import greedy_completions, load_policy
+from recdata.readers import atomic_write, same_file
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reczero.yaml"
 
@@ -181,6 +187,34 @@ def format_table(model_rows: dict[str, dict], baselines: dict[str, dict]) -> str
     return "\n".join(lines)
 
 
+def check_split(data_dir: str, split: str, limit: int = 0) -> str | None:
+    """None when `split` has rows to evaluate (its first `limit`, 0 = all) and each holds a numeric `rating`
+    label; else a one-line error saying what is wrong and where."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        return (f"{path} not found: prepare the data first, e.g. `python -m recdata.prepare --dataset amazon-music "
+                f"--out {data_dir}`")
+    rows = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit and rows >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                return f"{path}:{lineno}: not valid JSON ({err})"
+            label = row.get("rating") if isinstance(row, dict) else None
+            if not isinstance(label, (int, float)) or isinstance(label, bool):
+                return (f"{path}:{lineno}: the example has no numeric 'rating' label ({label!r}): evaluate needs "
+                        f"labelled examples (`python -m experiments.predict` takes unlabelled ones)")
+            rows += 1
+    if not rows:
+        return f"{path} holds no examples: nothing to evaluate"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True,
@@ -193,6 +227,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the numbers (and per-row predictions) to this JSON file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. sampling.max_new_tokens=256")
     args = parser.parse_args(argv)
+    if args.out:
+        inputs = [Path(args.data) / name for name in ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json")]
+        clash = next((p for p in inputs if same_file(args.out, p)), None)
+        if clash is not None:
+            print(f"error: --out {args.out} is the input file {clash}: choose another --out", file=sys.stderr)
+            return 2
+    problem = check_split(args.data, args.split, args.limit)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     results = {}
     per_row = {}
@@ -221,9 +265,11 @@ def main(argv=None) -> int:
           f"copy: answers sharing > {COPY_THRESHOLD:.0%} of their word 6-grams with another answer or the "
           f"demonstration)")
     if args.out:
-        write_json(Path(args.out), {"data": args.data, "split": args.split, "n": len(examples),
-                                    "command": "python -m experiments.evaluate " + " ".join(argv or sys.argv[1:]),
-                                    "models": results, "baselines_same_rows": baselines, "predictions": per_row})
+        record = {"data": args.data, "split": args.split, "n": len(examples),
+                  "command": "python -m experiments.evaluate " + " ".join(argv or sys.argv[1:]),
+                  "models": results, "baselines_same_rows": baselines, "predictions": per_row}
+        with atomic_write(args.out) as f:
+            f.write(json.dumps(json_safe(record), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.out}")
     return 0
 

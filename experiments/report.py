@@ -17,20 +17,25 @@ Each row says which split and how many rows it was measured on: a run's own eval
 `run.eval_examples` validation rows, baselines.json the whole test split. Compare rows of the same split and n.
 
 Writes results.md (a section per dataset) and results.csv (one line per row, full precision, with the folder or
-file each row came from and the command that produced it).
+file each row came from and the command that produced it), each through a temporary file beside it renamed when
+complete; an --out whose results file is one of the --evals inputs is refused (exit 2).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import math
 import shlex
 import sys
 from pathlib import Path
 
 from experiments.evaluate import find_run_config
-from experiments.runs import (Column, Run, find_runs, format_seconds, get_key, load_run, markdown_table, read_json,
-                              write_csv, write_text)
+from experiments.runs import Column, Run, find_runs, format_seconds, get_key, load_run, markdown_table, read_json
+from recdata.readers import atomic_write, same_file
 
-# Published MAE (PAPER.md "Results": Kong et al., NeurIPS 2025, arXiv 2510.23077; the paper's main results
+OUTPUT_FILES = ("results.md", "results.csv")
+
+# Published MAE (docs/paper.md "Results": Kong et al., NeurIPS 2025, arXiv 2510.23077; the paper's main results
 # table and text). Our notes give MAE only (RMSE only as relative gains), so there is no published RMSE column.
 # Printed: Reason4Rec, the strongest baseline; RecZero on Music, early-stopped after 480 samples; an SFT-only
 # model on 20,000 samples (Music, by the notes' context). RecOne's are derived from its printed MAE reduction
@@ -216,7 +221,7 @@ def published_rows(datasets: list[str]) -> list[dict]:
         if f in REASON4REC_MAE:
             rows.append({"dataset": dataset, "kind": "published", "name": "Reason4Rec (paper's strongest baseline)",
                          "split": "test (paper's)", "paper_mae": REASON4REC_MAE[f], "paper_note": "printed",
-                         "source": "PAPER.md, Results"})
+                         "source": "docs/paper.md, Results"})
     return rows
 
 
@@ -292,6 +297,18 @@ def render(rows: list[dict], notes: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(out: Path, markdown: str, rows: list[dict]) -> None:
+    """results.md and results.csv (raw values at full precision, empty for missing), each written atomically."""
+    with atomic_write(out / "results.md") as f:
+        f.write(markdown)
+    with atomic_write(out / "results.csv") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_KEYS)
+        for row in rows:
+            writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                             for v in (row.get(k) for k in CSV_KEYS)])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="the folder to scan for run folders and evaluation JSONs")
@@ -303,6 +320,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     runs_root = Path(args.runs)
     out = Path(args.out) if args.out else runs_root / "report"
+    clash = next(((out / name, p) for name in OUTPUT_FILES for p in args.evals if same_file(out / name, p)), None)
+    if clash is not None:
+        print(f"error: writing {clash[0]} would overwrite the input {clash[1]}: choose another --out",
+              file=sys.stderr)
+        return 2
     missing = [p for p in args.evals if not is_evaluation(read_json(Path(p)))]
     if missing:
         print(f"not an experiments.evaluate result: {', '.join(missing)}", file=sys.stderr)
@@ -310,8 +332,7 @@ def main(argv=None) -> int:
     command = "python -m experiments.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows, notes = collect(runs_root, [Path(d) for d in args.data], [Path(p) for p in args.evals])
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.md", render(rows, notes, command))
-    write_csv(out / "results.csv", rows, CSV_KEYS)
+    write_outputs(out, render(rows, notes, command), rows)
     for note in notes:
         print(note)
     print(f"{len(rows)} rows -> {out / 'results.md'}, {out / 'results.csv'}")

@@ -1,6 +1,6 @@
 """RecOne's cold-start data: reasoning traces from a teacher LLM behind an OpenAI-compatible chat API.
 
-PAPER.md ("RecOne"): about 1,000 traces from a stronger teacher (DeepSeek-R1 in the paper) feed a short SFT
+docs/paper.md ("RecOne"): about 1,000 traces from a stronger teacher (DeepSeek-R1 in the paper) feed a short SFT
 before GRPO. For every example the teacher gets the same [system, user] prompt the policy sees
 (`prompts.build_messages`). Its answer is kept when it passes the strict format rule (`prompts.parse_completion`
 with the example's rating scale) and its rating is within `tolerance` of the label. **Bias correction**: when the
@@ -18,6 +18,13 @@ Decisions:
 - Only `message.content` is used; a reasoning server's `reasoning_content` (R1's hidden chain of thought) is
   dropped, because the SFT target is the four-tag answer itself. A null content becomes "" (a format failure).
 - Standard library HTTP only (urllib); retries with exponential back-off, honouring `Retry-After`.
+- Redirects are not followed: the request carries the API key, and a redirect may lead to another host. A 3xx is
+  a TeacherError naming its Location (set --base-url to the final address).
+- `timeout_s` bounds each request as a whole (connect, headers and body): a watchdog closes the connection at
+  the deadline, so a server that drips a byte a second times out too (and is retried).
+- A broken connection (http.client's IncompleteRead, BadStatusLine, RemoteDisconnected, ...) is retried like a
+  timeout.
+- The CLI exits 1, with a message, when examples were asked and none got an answer (every one failed).
 
 CLI: `python -m experiments.teacher --examples data/amazon-music/train.jsonl --out runs/teacher/traces.jsonl
 --model deepseek-reasoner --base-url https://api.deepseek.com/v1 --limit 1000`.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import http.client
 import json
 import os
 import socket
@@ -60,7 +68,7 @@ class TeacherConfig:
     max_tokens: int = 2048
     """Completion length limit per request (a reasoning model's hidden thinking may count against it)."""
     timeout_s: float = 120.0
-    """Socket timeout of one request, in seconds; a timeout is retried."""
+    """Deadline of one request as a whole (connect, headers, body), in seconds; a timeout is retried."""
     max_retries: int = 5
     """Retries after the first attempt (429, 500, 502, 503, 504, timeouts, connection errors)."""
     backoff_s: float = 1.0
@@ -102,6 +110,90 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _Deadline:
+    """Shuts down every socket of one request when its time is up (started by `arm`, stopped by `disarm`).
+
+    A socket timeout bounds one read, not a response: a server sending a byte a second would never time out.
+    The watchdog shuts the socket down at the deadline instead, which ends any read in progress. The socket is
+    recorded when it connects: urllib drops the connection's reference to it once the headers are in, while the
+    response goes on reading the body from it.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def connection_class(self, base):
+        """`base` (HTTPConnection or HTTPSConnection) whose sockets are recorded for the watchdog."""
+        deadline = self
+
+        def make(*args, **kwargs):
+            conn = base(*args, **kwargs)
+            connect = conn.connect
+
+            def watched_connect():
+                connect()
+                with deadline._lock:
+                    deadline._sockets.append(conn.sock)
+                    if deadline.expired:
+                        _shutdown(conn.sock)
+            conn.connect = watched_connect
+            return conn
+        return make
+
+    def arm(self) -> None:
+        self._timer.start()
+
+    def disarm(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    """End the reads in progress on `sock` (from another thread). The plain socket's shutdown acts on the
+    descriptor, also for an SSL socket (whose state it leaves alone) and after urllib has `close()`d it."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
+
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect (the request carries the API key): the 3xx reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class ChatClient:
     """A minimal, thread-safe client of an OpenAI-compatible /chat/completions endpoint."""
 
@@ -123,6 +215,29 @@ class ChatClient:
         delay = self.cfg.backoff_s * (2 ** attempt) if retry_after is None else retry_after
         time.sleep(min(max(0.0, delay), self.cfg.max_backoff_s))
 
+    def _send(self, request: urllib.request.Request) -> tuple[int, Any, bytes]:
+        """One attempt: (status, headers, body), everything received within `timeout_s` (the watchdog). A 2xx or
+        any error status is returned; a broken connection or the deadline raises (OSError or HTTPException)."""
+        deadline = _Deadline(self.cfg.timeout_s)
+        opener = urllib.request.build_opener(_NoRedirect(), _WatchedHTTP(deadline), _WatchedHTTPS(deadline))
+        deadline.arm()
+        try:
+            try:
+                with opener.open(request, timeout=self.cfg.timeout_s) as response:
+                    status, headers, raw = response.status, response.headers, response.read()
+            except urllib.error.HTTPError as exc:  # an error status (3xx included: redirects are not followed)
+                status, headers = exc.code, exc.headers
+                raw = exc.read() if exc.fp is not None else b""
+        except (OSError, http.client.HTTPException):
+            if deadline.expired:
+                raise TimeoutError(f"no complete response within {self.cfg.timeout_s:g} s") from None
+            raise
+        finally:
+            deadline.disarm()
+        if deadline.expired:  # the watchdog ended a read: what arrived may be cut short
+            raise TimeoutError(f"no complete response within {self.cfg.timeout_s:g} s")
+        return status, headers, raw
+
     def chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The assistant's `content` for `messages`. Raises TeacherError when the request fails for good."""
         payload = json.dumps({"model": self.cfg.model, "messages": [dict(m) for m in messages],
@@ -136,20 +251,25 @@ class ChatClient:
             with self._lock:
                 self.requests += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as exc:
-                body = _snippet(exc.read() if exc.fp is not None else b"")
-                if exc.code not in RETRY_STATUSES:
-                    raise TeacherError(f"teacher request failed: HTTP {exc.code} from {self.url}: {body}",
-                                       exc.code, body) from None
-                retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-                last = f"HTTP {exc.code}: {body}"
+                status, headers, raw = self._send(request)
+            except (OSError, http.client.HTTPException) as exc:
+                # Timeouts, refused or reset connections, and broken responses (http.client's IncompleteRead,
+                # BadStatusLine, RemoteDisconnected) are retried.
+                last = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
                 continue
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-                continue
-            return _content(raw, self.url)
+            if 200 <= status < 300:
+                return _content(raw, self.url)
+            if 300 <= status < 400:
+                location = headers.get("Location") if headers else None
+                raise TeacherError(f"teacher request to {self.url} was redirected (HTTP {status}) to "
+                                   f"{location or '(no Location header)'}; redirects are not followed, so the API "
+                                   f"key never goes to another address: set --base-url to the final address",
+                                   status, location or "")
+            body = _snippet(raw)
+            if status not in RETRY_STATUSES:
+                raise TeacherError(f"teacher request failed: HTTP {status} from {self.url}: {body}", status, body)
+            retry_after = _retry_after(headers.get("Retry-After") if headers else None)
+            last = f"HTTP {status}: {body}"
         raise TeacherError(f"teacher request failed after {self.cfg.max_retries + 1} attempts to {self.url}; "
                            f"last error: {last}", None, last)
 
@@ -358,5 +478,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return generate_traces(examples, cfg, args.out, template=args.template)
 
 
+def exit_code(stats: Mapping[str, Any]) -> int:
+    """1 when examples were asked and every one failed (no answer at all), else 0; says so on stderr."""
+    if stats["asked"] and stats["rejected"]["error"] == stats["asked"]:
+        first = stats["errors"][0] if stats["errors"] else ""
+        print(f"error: no example succeeded: all {stats['asked']} failed (first error: {first})", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses loaded from YAML, overridden by `key=value` on the command line.
 
-One source of truth for every setting (STYLE.md, point 3). A config is a tree of dataclasses; YAML gives
-nested mappings, the command line gives dotted keys (`grpo.lr=1e-5`, `sampling.temperature=0.7`).
+One source of truth for every setting: no module globals, no environment variables read deep in library
+code. A config is a tree of dataclasses; YAML gives nested mappings, the command line gives dotted keys
+(`grpo.lr=1e-5`, `sampling.temperature=0.7`).
 Unknown keys and values of the wrong type are errors that name the valid keys, so a typo never silently
 falls back to a default. The resolved config is saved next to every run (`save_config`).
 """
@@ -72,7 +73,7 @@ class ModelConfig:
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
-    """Sampling temperature; the trainer's log-probs use the same one (GRPO_NOTES trap 1)."""
+    """Sampling temperature; the trainer's log-probs use the same one (docs/grpo.md trap 1)."""
     top_p: float = 1.0
     """Nucleus sampling. Below 1 the importance ratio is biased (trap 1): keep 1 for training."""
     top_k: int = 0

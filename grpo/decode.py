@@ -83,7 +83,7 @@ def cache_keyword(model) -> str:
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: 0 at each row's first real token (GRPO_NOTES trap 2)."""
+    """Position ids for a left-padded batch: 0 at each row's first real token (docs/grpo.md trap 2)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
 
 

@@ -7,7 +7,7 @@ Sources cited below:
   DeepSeekMath  Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning" (GRPO itself).
   Dr. GRPO      Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective".
   DAPO          Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale".
-  NOTES         docs/GRPO_NOTES.md, "Traps that silently break GRPO" (trap numbers).
+  NOTES         docs/grpo.md, "Traps that silently break GRPO" (trap numbers).
 
 Shape legend
   B  prompts in a step

@@ -2,7 +2,7 @@
 model's hidden states into per-token log-probs of the completion.
 
 Every forward pass that needs log-probs (the policy loss, old log-probs for mu > 1, the frozen reference,
-evaluation checks, tests) goes through `completion_logprobs`, so they cannot drift apart (DESIGN.md).
+evaluation checks, tests) goes through `completion_logprobs`, so they cannot drift apart.
 
 Shapes: N rows, P prompt length (left-padded), T completion length (right-padded), H hidden, V vocab.
 """
@@ -49,7 +49,7 @@ def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, complet
 
     The logits of the whole batch are never materialised: we run the transformer body, keep the hidden
     states of the T positions that predict completion tokens, and project them through the LM head a
-    chunk of tokens at a time (GRPO_NOTES trap 11). Masked positions hold garbage; callers mask them.
+    chunk of tokens at a time (docs/grpo.md trap 11). Masked positions hold garbage; callers mask them.
 
     `prompt_index` (N,) says which rows share a prompt (GRPO's G completions of one prompt; rows of a
     prompt must be consecutive). Then each distinct prompt is run through the model once and its keys and

@@ -14,7 +14,7 @@ every row finished?" only every `sync_every` steps (stop strings are checked the
 the last check); at those points rows that have finished are dropped from the decode batch once at most half
 of it is still running (`compact`); nothing else waits for the device.
 
-Three details that silently break GRPO when wrong (GRPO_NOTES.md):
+Three details that silently break GRPO when wrong (docs/grpo.md, traps):
 - Left padding needs explicit position ids (cumsum of the attention mask - 1), or every padded prompt's
   positions shift by its pad count (trap 2).
 - The log-prob of a sampled token is taken from the *temperature-scaled full* distribution, the same one

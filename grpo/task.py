@@ -1,5 +1,6 @@
 """The small interface through which the engine sees a task. The engine never inspects completion text:
-what a completion is worth is the task's business (DESIGN.md).
+what a completion is worth is the task's business (README, "How the code is laid out": `grpo`
+knows nothing of recommendation).
 
 An *item* is a dict with at least `id` and `prompt` (the full prompt text, chat template applied); the task
 may keep anything else in it (the label, the raw example) and gets the item back when scoring.

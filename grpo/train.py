@@ -281,7 +281,7 @@ def accumulate_policy_gradients(logprobs_of, micro_batches: list[slice], advanta
 
     `logprobs_of(rows)` gives the current policy's (n, T) log-probs of those rows (with gradient). Every
     micro-batch's loss is normalised by the *whole* step's token / sequence count, so the accumulated
-    gradient is exactly the full-batch gradient, whatever the split (GRPO_NOTES trap 5). Under torchrun the
+    gradient is exactly the full-batch gradient, whatever the split (docs/grpo.md trap 5). Under torchrun the
     caller passes the counts of every rank (`total_tokens`, `total_seqs`; by default this rank's own).
     Returns the summed loss, KL and clipped-token count for logging.
     """

@@ -2,7 +2,7 @@
 
 Pure functions of text and an example dict (no torch): `render_prompt` turns an example into a chat prompt,
 `parse_completion` checks a completion's format and reads its rating, `REWARDS[name](completion, example)`
-scores it. See PAPER.md ("Output structure", "Reward") for the rules implemented here.
+scores it. See docs/paper.md ("Output structure", "Reward") for the rules implemented here.
 """
 from prompts.parse import ParseResult, parse_completion, parse_rating, well_formed_sections
 from prompts.rewards import REWARDS, reward_range

@@ -1,6 +1,6 @@
 """Parse a completion: is its format right, and which rating does it give?
 
-The format rule is the paper's (PAPER.md, "Reward"), applied to the template's sections (tbr: analyze user,
+The format rule is the paper's (docs/paper.md, "Reward"), applied to the template's sections (tbr: analyze user,
 analyze item, match, rate):
   1. every open and close tag of the template's sections occurs exactly once;
   2. they come in order: each section opens before it closes, and closes before the next section opens (so
@@ -15,7 +15,7 @@ text after `</rate>` is rambling that runs generation into the length limit and 
 reader would take for the answer. A clean stop after the rating is also what makes generation short.
 `strict_outside=False` gives the paper's literal rule (1-4 only).
 
-Decisions (GRPO_NOTES.md, trap 12):
+Decisions (docs/grpo.md, trap 12):
 - Tags match exactly: case-sensitive, with the template's spelling (one space in "analyze user"). `<Rate>`,
   `<analyze_user>`, `<rated>` are not tags; an exact tag string is found as a whole `<...>` token, so `<rate>`
   is never found inside `<rated>` or `</rate>`.

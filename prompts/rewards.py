@@ -1,4 +1,4 @@
-"""Rule-based rewards on the completion text (PAPER.md, "Reward"), registered by name in REWARDS.
+"""Rule-based rewards on the completion text (docs/paper.md, "Reward"), registered by name in REWARDS.
 
 Every reward is a pure function `reward(completion_text, example, *, template="tbr", strict_outside=True)
 -> (total, parts)`:

@@ -1,6 +1,6 @@
 """Prompt templates: turn one example (a user's review history + a target item) into a chat prompt.
 
-The default template is the paper's "Think-before-Recommendation" (tbr) format (PAPER.md, "Output structure"):
+The default template is the paper's "Think-before-Recommendation" (tbr) format (docs/paper.md, "Output structure"):
 the model writes four tagged sections, in order, each exactly once (tag names contain a space):
 
     <analyze user> ... </analyze user>   the user's preferences, read from the review history
@@ -12,7 +12,7 @@ Two ablation templates from the paper share the same inputs and change only the 
 `answer_only` (just `<rate> N </rate>`) and `single_think` (`<think> ... </think>` then `<rate> N </rate>`).
 
 A prompt is a system turn (a short role) and a user turn: the instruction (task, steps, output format), an
-optional one-shot example of the format, the inputs (PAPER.md, "What goes into a prompt"), and a closing line.
+optional one-shot example of the format, the inputs (docs/paper.md, "What goes into a prompt"), and a closing line.
 The instruction text is our own wording, not the paper's.
 
 Everything here is a pure function of an example dict and a duck-typed tokenizer (any object with
@@ -282,7 +282,7 @@ def _format_inputs(example: Mapping[str, Any], view: _View) -> str:
     user_history = _newest(example.get("user_history"), view.n_user)
     for k, entry in enumerate(user_history, start=1):
         title = _text(entry.get("title")) or "(untitled item)"
-        lines.append(f"{k}. {title}, {_number(entry.get('rating'))};")  # PAPER.md: "k. <item title>, <rating>;"
+        lines.append(f"{k}. {title}, {_number(entry.get('rating'))};")  # docs/paper.md: "k. <item title>, <rating>;"
         lines += _field_lines([
             ("categories", _categories(entry.get("categories"))),
             ("brand", _text(entry.get("brand"))),

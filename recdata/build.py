@@ -1,4 +1,4 @@
-"""Interactions -> leakage-free rating-prediction examples, split by time (PAPER.md, "What goes into a prompt").
+"""Interactions -> leakage-free rating-prediction examples, split by time (docs/paper.md, "What goes into a prompt").
 
 For a target interaction (u, i, t) an example shows:
 - user_history: u's interactions with timestamp strictly < t, oldest first, the last `user_history_max`;

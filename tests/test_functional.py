@@ -1,6 +1,6 @@
 """Tests of grpo/functional.py: hand-worked numbers, plain-loop references, and one test per GRPO trap it covers.
 
-Trap numbers refer to docs/GRPO_NOTES.md. Shapes follow the legend of grpo/functional.py (B, G, N, T, V, H).
+Trap numbers refer to docs/grpo.md. Shapes follow the legend of grpo/functional.py (B, G, N, T, V, H).
 """
 from __future__ import annotations
 

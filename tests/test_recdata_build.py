@@ -178,27 +178,31 @@ def test_config_validation():
 # Leakage check on the prepared real samples, recomputed from the raw files without recdata's readers
 # ----------------------------------------------------------------------------------------------------
 
-def raw_rows(path: Path, keys: tuple[str, str, str, str]) -> list[tuple[str, str, float, int]]:
-    """(user, item, rating, seconds) straight from a gzipped JSON-lines review file."""
-    user_key, item_key, rating_key, time_key = keys
-    rows = []
+def raw_rows(path: Path, keys: tuple[str, str, str, str, str]) -> list[tuple[str, str, float, int]]:
+    """(user, item, rating, seconds) straight from a gzipped JSON-lines review file; an exact copy of an earlier
+    review (same user, item, rating, time and text) is left out, as prepare drops it."""
+    user_key, item_key, rating_key, time_key, text_key = keys
+    rows, seen = [], set()
     for line in gzip.open(path, "rt", encoding="utf-8"):
         r = json.loads(line)
         when = r[time_key]
         if time_key == "date":
             when = datetime.strptime(when, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
-        rows.append((r[user_key], r[item_key], float(r[rating_key]), int(when)))
+        row = (r[user_key], r[item_key], float(r[rating_key]), int(when))
+        if (row, r.get(text_key)) not in seen:
+            seen.add((row, r.get(text_key)))
+            rows.append(row)
     return rows
 
 
-AMAZON_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
+AMAZON_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime", "reviewText")
 PREPARED = {
     "music": ("amazon-music-2014-sample", "reviews_Digital_Music_5.json.gz", AMAZON_KEYS,
               ["--dataset", "amazon-music", "--raw-dir", "{dir}"]),
     "magazines": ("amazon-magazines-2018", "Magazine_Subscriptions_5.json.gz", AMAZON_KEYS,
                   ["--format", "amazon2018", "--reviews", "{dir}/Magazine_Subscriptions_5.json.gz",
                    "--meta", "{dir}/meta_Magazine_Subscriptions.json.gz"]),
-    "yelp": ("yelp-sample", "review.json.gz", ("user_id", "business_id", "stars", "date"),
+    "yelp": ("yelp-sample", "review.json.gz", ("user_id", "business_id", "stars", "date", "text"),
              ["--dataset", "yelp", "--raw-dir", "{dir}"]),
 }
 

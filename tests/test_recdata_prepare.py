@@ -135,7 +135,8 @@ def test_download_with_wrong_sha256_leaves_nothing(tmp_path, monkeypatch):
 
 
 def messy_reviews(tmp_path: Path) -> Path:
-    rows = [{"reviewerID": f"U{k % 3}", "asin": f"A{k % 2}", "overall": 1.0 + k % 5, "unixReviewTime": 100 * k,
+    rows = [{"reviewerID": f"U{k % 3}", "asin": f"A{k % 2}", "overall": 1.0 + k % 5,
+             "unixReviewTime": 1_300_000_000 + 100 * k,
              "summary": "s", "reviewText": "t"} for k in range(12)]
     lines = [json.dumps(r) for r in rows]
     lines[4] = "not json"
@@ -173,7 +174,7 @@ def test_crash_while_writing_leaves_the_previous_dataset_intact(tmp_path, monkey
 
     monkeypatch.setattr(ExampleBuilder, "iter_split", crash_in_val)
     with pytest.raises(KeyboardInterrupt):
-        main(argv[:-1] + ["60"])
+        main(argv[:-1] + ["60", "--overwrite"])  # other settings: replacing the output needs --overwrite
     assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
 

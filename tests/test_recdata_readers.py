@@ -39,7 +39,10 @@ def test_amazon2018_magazines_junk_titles_fall_back():
     d = sample("amazon-magazines-2018")
     xs, items, stats = read_dataset("amazon2018", d / "Magazine_Subscriptions_5.json.gz",
                                     d / "meta_Magazine_Subscriptions.json.gz")
-    assert (len(xs), len({x.user_id for x in xs}), len(items)) == (2375, 348, 157)
+    # 44 of the 2,375 lines repeat an earlier review exactly (user, item, rating, time, text): dropped, counted.
+    assert (len(xs), len({x.user_id for x in xs}), len(items)) == (2375 - 44, 348, 157)
+    assert stats["duplicates_dropped"] == stats["reviews"]["duplicates_dropped"] == 44
+    assert stats["reviews"]["records"] == 2375 - 44 and stats["reviews"]["lines"] == 2375
     first = xs[0]
     assert (first.user_id, first.item_id, first.rating, first.timestamp, first.summary) == (
         "A5QQOOZJOVPSF", "B00005N7P0", 4.0, 1393372800, "Cheapskates guide")
@@ -54,9 +57,11 @@ def test_amazon2018_magazines_junk_titles_fall_back():
     assert stats["meta"]["duplicate_items"] > 0
     assert stats["items_without_meta"] == 6
     assert sum(items[i].title == i for i in items) == 6
-    # 73 duplicated (user, item) pairs, kept as separate interactions.
+    # 73 duplicated (user, item) pairs in the file; the 29 that are not exact copies stay separate interactions.
     pairs = [(x.user_id, x.item_id) for x in xs]
-    assert len(pairs) - len(set(pairs)) == 73
+    assert len(pairs) - len(set(pairs)) == 73 - 44
+    kept_all = read_dataset("amazon2018", d / "Magazine_Subscriptions_5.json.gz", drop_duplicates=False)[0]
+    assert len(kept_all) == 2375
 
 
 def test_amazon2023_sample():
@@ -215,7 +220,7 @@ def messy_reviews(tmp_path: Path) -> Path:
              json.dumps({**REVIEW_2014, "unixReviewTime": "yesterday"}),       # 5: bad time
              json.dumps({**REVIEW_2014, "overall": 7.0}),                      # 6: outside the 1-5 scale
              json.dumps({**REVIEW_2014, "reviewerID": ""}),                    # 7: empty user
-             good]
+             json.dumps({**REVIEW_2014, "reviewText": "Another review"})]       # 8: good (not a copy of 1)
     path = write_lines(tmp_path / "reviews.json.gz", lines, gz=True)
     with gzip.open(path, "ab") as f:
         f.write(b'{"reviewerID": "\xff\xfe"}\n')                               # 9: not UTF-8
