@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prompts import REWARDS, parse_completion, render_prompt
+from grpo.config import check
+from prompts import REWARDS, TEMPLATES, parse_completion, render_prompt
 
 
 @dataclass
@@ -34,6 +35,14 @@ class TaskConfig:
     fallback: str = "user_avg"
     """What a failed answer is scored as in the secondary mae_fallback/rmse_fallback: user_avg, item_avg or
     global_mean (never the label). The headline MAE/RMSE score it as the rating farthest from the label."""
+
+    def __post_init__(self):
+        check("task", template=(self.template in TEMPLATES, f"must be one of {sorted(TEMPLATES)}, got {self.template!r}"),
+              reward=(self.reward in REWARDS, f"must be one of {sorted(REWARDS)}, got {self.reward!r}"),
+              one_shot=(self.one_shot in ("none", "inline", "turn"), f"must be none, inline or turn, got {self.one_shot!r}"),
+              fallback=(self.fallback in FALLBACKS, f"must be one of {FALLBACKS}, got {self.fallback!r}"),
+              max_prompt_tokens=(self.max_prompt_tokens >= 0, f"must be >= 0 (0 = none), got {self.max_prompt_tokens}"),
+              max_train_examples=(self.max_train_examples >= 0, f"must be >= 0 (0 = all), got {self.max_train_examples}"))
 
 
 FALLBACKS = ("user_avg", "item_avg", "global_mean")
@@ -122,13 +131,7 @@ class RecTask:
     curve_keys = ["reward/format_ok", "reward/abs_error", "eval/mae", "eval/format_fail"]
 
     def __init__(self, cfg: TaskConfig, tokenizer):
-        if cfg.reward not in REWARDS:
-            raise ValueError(f"unknown reward {cfg.reward!r}; choose one of {sorted(REWARDS)}")
-        if cfg.one_shot not in ("none", "inline", "turn"):
-            raise ValueError(f"task.one_shot must be none, inline or turn, got {cfg.one_shot!r}")
-        if cfg.fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {cfg.fallback!r}; choose one of {FALLBACKS}")
-        self.cfg = cfg
+        self.cfg = cfg  # its names and ranges were checked when it was built (TaskConfig.__post_init__)
         self.tokenizer = tokenizer
         self.data_dir = Path(cfg.data_dir)
         self.reward_fn = REWARDS[cfg.reward]

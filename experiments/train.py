@@ -35,6 +35,9 @@ def main(argv=None) -> int:
         return 2
     try:
         run_dir = run_experiment(cfg)
+    except (FileNotFoundError, FileExistsError) as e:  # a missing input, a folder holding a run: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()  # under torchrun: leave the process group
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once

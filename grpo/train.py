@@ -323,12 +323,6 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     if len(train_items) == 0:
         raise ValueError("the task has no training items")
     claim_run_folder(run_dir, run.resume, run.overwrite, delete=dist.is_main)
-    dist.barrier()
-    if dist.is_main:  # rank 0 alone writes the run folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(full_config if full_config is not None else
-                    _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
-    record = RunRecord(run_dir, resumed=bool(run.resume)) if dist.is_main else None  # run.json: command, wall time
     torch.manual_seed(run.seed)
     random.seed(run.seed)
 
@@ -336,6 +330,12 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     # With beta = 0 the KL term vanishes: loading a reference model would only cost memory (trap 9).
     policy = load_policy(model_cfg, seed=run.seed, dist=dist, with_reference=cfg.beta > 0)
     model = policy.model
+    dist.barrier()
+    if dist.is_main:  # rank 0 alone writes the run folder, once the inputs and the model have loaded
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(full_config if full_config is not None else
+                    _EngineConfig(model_cfg, sampling, cfg, run), run_dir / "config.yaml")
+    record = RunRecord(run_dir, resumed=bool(run.resume)) if dist.is_main else None  # run.json: command, wall time
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.adam_betas)
     generator = torch.Generator(device=policy.device)
     B, G = cfg.batch_prompts, cfg.group_size
