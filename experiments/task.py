@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from grpo.config import check
-from prompts import REWARDS, TEMPLATES, parse_completion, render_prompt
+from experiments.copying import ngrams, reasoning_text
+from prompts import REWARDS, TEMPLATES, get_template, parse_completion, render_prompt
 
 
 @dataclass
@@ -35,6 +36,10 @@ class TaskConfig:
     fallback: str = "user_avg"
     """What a failed answer is scored as in the secondary mae_fallback/rmse_fallback: user_avg, item_avg or
     global_mean (never the label). The headline MAE/RMSE score it as the rating farthest from the label."""
+    copy_penalty: float = 0.0
+    """If > 0: a training answer whose reasoning shares more than this fraction of its word 6-grams with the
+    prompt's one-shot demonstration is rewarded as a malformed answer (experiments/copying.py defines the
+    share; the evaluation's copy rate uses 0.3). 0 = off. Only with `one_shot` other than none."""
 
     def __post_init__(self):
         check("task", template=(self.template in TEMPLATES, f"must be one of {sorted(TEMPLATES)}, got {self.template!r}"),
@@ -42,7 +47,8 @@ class TaskConfig:
               one_shot=(self.one_shot in ("none", "inline", "turn"), f"must be none, inline or turn, got {self.one_shot!r}"),
               fallback=(self.fallback in FALLBACKS, f"must be one of {FALLBACKS}, got {self.fallback!r}"),
               max_prompt_tokens=(self.max_prompt_tokens >= 0, f"must be >= 0 (0 = none), got {self.max_prompt_tokens}"),
-              max_train_examples=(self.max_train_examples >= 0, f"must be >= 0 (0 = all), got {self.max_train_examples}"))
+              max_train_examples=(self.max_train_examples >= 0, f"must be >= 0 (0 = all), got {self.max_train_examples}"),
+              copy_penalty=(0 <= self.copy_penalty < 1, f"must be in [0, 1) (0 = off), got {self.copy_penalty}"))
 
 
 FALLBACKS = ("user_avg", "item_avg", "global_mean")
@@ -132,6 +138,8 @@ class RecTask:
 
     def __init__(self, cfg: TaskConfig, tokenizer):
         self.cfg = cfg  # its names and ranges were checked when it was built (TaskConfig.__post_init__)
+        shown = cfg.copy_penalty > 0 and cfg.one_shot != "none"
+        self.demonstration_grams = ngrams(reasoning_text(get_template(cfg.template).one_shot_answer)) if shown else set()
         self.tokenizer = tokenizer
         self.data_dir = Path(cfg.data_dir)
         self.reward_fn = REWARDS[cfg.reward]
@@ -179,8 +187,21 @@ class RecTask:
         return parse_completion(self.answer(completion), template=self.cfg.template, rating_min=lo, rating_max=hi)
 
     def reward(self, item: dict, completion: str) -> tuple[float, dict[str, float]]:
-        total, parts = self.reward_fn(self.answer(completion), item["example"], template=self.cfg.template)
-        return float(total), {k: float(v) for k, v in parts.items()}
+        answer = self.answer(completion)
+        copied = self.copies_demonstration(answer)
+        # a copied demonstration is worth what an answer with no format at all is worth
+        total, parts = self.reward_fn("" if copied else answer, item["example"], template=self.cfg.template)
+        parts = {k: float(v) for k, v in parts.items()}
+        if self.demonstration_grams:
+            parts["copied"] = float(copied)
+        return float(total), parts
+
+    def copies_demonstration(self, answer: str) -> bool:
+        """Whether the answer's reasoning shares more than `copy_penalty` of its 6-grams with the demonstration."""
+        if not self.demonstration_grams:
+            return False
+        grams = ngrams(reasoning_text(answer))
+        return bool(grams) and len(grams & self.demonstration_grams) / len(grams) > self.cfg.copy_penalty
 
     def fallback_rating(self, example: dict) -> float:
         if self.cfg.fallback == "user_avg":

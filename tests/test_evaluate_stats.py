@@ -255,3 +255,23 @@ def test_report_reads_old_and_new_evaluation_files(tmp_path):
     assert model["vs_baselines_rmse"] is None and model["failures_scored_as"] == "farthest"
     base = next(r for r in rows if r["kind"] == "baseline (same rows)")
     assert base["mae_ci"] == "[0.5000, 0.7000]"
+
+
+def test_copy_penalty_rewards_a_copied_demonstration_as_a_malformed_answer():
+    from experiments.task import RecTask, TaskConfig
+    from prompts.templates import get_template
+
+    task = RecTask(TaskConfig(one_shot="turn", prefill="<analyze user>\n", copy_penalty=0.3), tokenizer=None)
+    demo = get_template("tbr").one_shot_answer
+    item = {"example": {"rating": 4.0, "user_avg_rating": 4.0, "item_avg_rating": 4.0}}
+    copied = demo.removeprefix("<analyze user>\n")  # the completion after the prefill
+    original = ("The user reviews jazz records and dislikes noisy production, rating most albums three stars.\n"
+                "</analyze user>\n<analyze item>\nA live recording [pos] warm sound [neg] long tracks\n</analyze item>\n"
+                "<match>\nThe warm sound suits the user although the long tracks may tire them.\n</match>\n<rate> 4 </rate>")
+    off = RecTask(TaskConfig(one_shot="turn", prefill="<analyze user>\n"), tokenizer=None)
+    total_copied, parts_copied = task.reward(item, copied)
+    assert parts_copied["copied"] == 1.0
+    assert total_copied == task.reward(item, "no tags at all")[0] < off.reward(item, copied)[0]
+    total_original, parts_original = task.reward(item, original)
+    assert parts_original["copied"] == 0.0 and total_original == off.reward(item, original)[0] > total_copied
+    assert "copied" not in off.reward(item, original)[1]  # off: no part, no change
