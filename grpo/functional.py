@@ -1,4 +1,4 @@
-"""The pure tensor math of GRPO: log-probs, entropy, advantages, clipped surrogate, KL, loss aggregation, masks.
+"""The pure tensor math of GRPO: log-probs, advantages, clipped surrogate, KL, loss aggregation, masks.
 
 Every function takes tensors and numbers (never a config or a model), returns new tensors, and never writes into
 its arguments. Each one is small enough to check against numbers worked out by hand (tests/test_functional.py).
@@ -49,7 +49,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Log-probabilities and entropy, a few rows at a time (NOTES trap 11: never hold full-vocabulary fp32 logits)
+# Log-probabilities, a few tokens at a time (NOTES trap 11: never hold full-vocabulary fp32 logits)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _target_logp_fp32(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,36 +63,6 @@ def _target_logp_fp32(logits: torch.Tensor, targets: torch.Tensor, temperature: 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                          chunk_rows: int = 8) -> torch.Tensor:
-    """Log-probability of each target token under softmax(logits / temperature), as float32 (N, T).
-
-    logits (N, T, V) in any float dtype (bf16 is fine), targets (N, T) long. Equal to
-    `-F.cross_entropy(logits / temperature, targets, reduction="none")`, but only `chunk_rows` sequences at a
-    time are up-cast to float32. `temperature` must be the sampling temperature (NOTES trap 1): the ratio rho
-    compares the trainer's distribution with the one that actually sampled the tokens.
-    """
-    assert logits.dim() == 3, f"logits must be (N, T, V), got {tuple(logits.shape)}"
-    assert targets.shape == logits.shape[:2], \
-        f"targets {tuple(targets.shape)} must be (N, T) = {tuple(logits.shape[:2])}"
-    assert not targets.is_floating_point(), "targets must be integer token ids"
-    assert temperature > 0 and chunk_rows >= 1
-    # With autograd on, each chunk is checkpointed: backward recomputes that chunk's fp32 logits instead of
-    # keeping every chunk's fp32 copy alive until backward (which would rebuild the full fp32 tensor anyway).
-    # Nothing inside is random, so no RNG state needs saving (on a GPU that would cost a sync per chunk).
-    use_checkpoint = _needs_grad(logits)
-    pieces = []
-    for logits_chunk, targets_chunk in zip(logits.split(chunk_rows, dim=0), targets.split(chunk_rows, dim=0)):
-        # logits_chunk (n, T, V) with n <= chunk_rows; targets_chunk (n, T)
-        if use_checkpoint:
-            logp_chunk = checkpoint(_target_logp_fp32, logits_chunk, targets_chunk, temperature,
-                                    use_reentrant=False, preserve_rng_state=False)  # (n, T)
-        else:
-            logp_chunk = _target_logp_fp32(logits_chunk, targets_chunk, temperature)  # (n, T)
-        pieces.append(logp_chunk)
-    return torch.cat(pieces, dim=0)  # (N, T)
 
 
 def _target_logp_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -109,9 +79,9 @@ def logprobs_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
                          lm_head_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probability of each target token, float32 (N, T), from final hidden states (N, T, H).
 
-    Same value as projecting with the lm_head (V, H) to logits and calling `selective_log_softmax`, but the
-    (N, T, V) logits never exist: the N*T positions are processed `chunk_tokens` at a time, in forward and (by
-    recomputation) in backward. Gradients flow to `hidden`, `lm_head_weight` and `lm_head_bias`.
+    Same value as projecting with the lm_head (V, H) to logits and taking log_softmax(logits / temperature) at
+    the targets, but the (N, T, V) logits never exist: the N*T positions are processed `chunk_tokens` at a time,
+    in forward and (by recomputation) in backward. Gradients flow to `hidden`, `lm_head_weight` and `lm_head_bias`.
     """
     assert hidden.dim() == 3, f"hidden must be (N, T, H), got {tuple(hidden.shape)}"
     n_seq, seq_len, hidden_size = hidden.shape
@@ -139,23 +109,6 @@ def logprobs_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
                                                   targets_chunk, temperature)  # (n,)
         pieces.append(logp_chunk)
     return torch.cat(pieces, dim=0).reshape(n_seq, seq_len)  # (N*T,) -> (N, T)
-
-
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits / temperature) at every position, float32 (N, T); a metric, no grad.
-
-    Logged to watch for entropy collapse, one of the signals that matter more than the loss (NOTES trap 13).
-    """
-    assert logits.dim() == 3, f"logits must be (N, T, V), got {tuple(logits.shape)}"
-    assert temperature > 0 and chunk_rows >= 1
-    pieces = []
-    for logits_chunk in logits.split(chunk_rows, dim=0):  # (n, T, V) with n <= chunk_rows
-        scaled = logits_chunk.float() / temperature  # (n, T, V)  fp32 copy of this chunk only
-        probs = torch.softmax(scaled, dim=-1)  # (n, T, V)
-        # H = -sum p log p with log p = z - logsumexp(z)  =>  H = logsumexp(z) - sum p z (no log(0) anywhere).
-        pieces.append(torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(dim=-1))  # (n, T)
-    return torch.cat(pieces, dim=0)  # (N, T)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,25 +239,6 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
 # ----------------------------------------------------------------------------------------------------------------
 # Completion masks
 # ----------------------------------------------------------------------------------------------------------------
-
-def completion_mask_from_tokens(completion_ids: torch.Tensor, eos_ids: list[int] | set[int]) -> torch.Tensor:
-    """Float mask (N, T): 1 up to and including the first EOS of each row, 0 after; no EOS -> all ones.
-
-    Derived from the EOS position only, never from `ids != pad_id`: when pad == eos (SmolLM2, many Qwen setups)
-    that would drop the EOS token itself from the loss, and the model would never learn to stop (NOTES trap 4).
-    Every EOS id of the generation config counts.
-    """
-    assert completion_ids.dim() == 2, f"completion_ids must be (N, T), got {tuple(completion_ids.shape)}"
-    assert not completion_ids.is_floating_point(), "completion_ids must be integer token ids"
-    eos = torch.tensor(sorted(set(int(i) for i in eos_ids)), dtype=completion_ids.dtype,
-                       device=completion_ids.device)  # (n_eos,)
-    if eos.numel() == 0:
-        raise ValueError("eos_ids is empty: the mask needs at least one end-of-sequence token id")
-    is_eos = torch.isin(completion_ids, eos).long()  # (N, T)
-    # A token is kept when no EOS occurs strictly before it: (EOS count up to and including t) - (is t an EOS).
-    eos_before = is_eos.cumsum(dim=1) - is_eos  # (N, T)
-    return (eos_before == 0).to(torch.float32)  # (N, T)
-
 
 def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """A copy of `mask` (N, T) with the rows of truncated completions (N,) bool zeroed.

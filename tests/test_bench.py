@@ -1,7 +1,9 @@
 """experiments.bench on a tiny random model: every figure is written, the HF static mode can be time-limited."""
+import argparse
 import json
 
 import pytest
+import torch
 
 from experiments import bench
 
@@ -53,14 +55,47 @@ def test_gpu_presets_say_they_need_cuda(tmp_path, monkeypatch):
     assert bench.main(["--preset", "gpu-7b", "--out", str(tmp_path / "x.json")]) == 2
 
 
-def test_presets_match_the_issue():
-    cpu, small, big = bench.PRESETS["cpu"], bench.PRESETS["gpu-small"], bench.PRESETS["gpu-7b"]
-    assert cpu["model"] == "default" and cpu["prompts"] * cpu["group_size"] == 8 and cpu["group_size"] == 8
-    assert (cpu["prompt_tokens"], cpu["new_tokens"]) == (512, 256)
-    assert small["shape"]["hidden_size"] == 576 and small["prompts"] * small["group_size"] == 256
-    assert small["train_prompts"] * small["train_group"] == 32
-    assert small["train_prompt_tokens"] + small["train_completion_tokens"] == 1024
-    assert big["shape"]["hidden_size"] == 3584 and big["dtype"] == "bfloat16"
-    assert big["prompts"] * big["group_size"] == 64 and (big["prompt_tokens"], big["new_tokens"]) == (512, 256)
-    assert big["train_prompts"] * big["train_group"] == 8
-    assert big["train_prompt_tokens"] + big["train_completion_tokens"] == 1024
+def _settings(*argv):
+    """The settings `bench.main` would run with, from its own command line."""
+    parser_args = argparse.Namespace(seed=0, quick=False, model=None, **{k: None for k in (
+        "prompts", "group_size", "prompt_tokens", "new_tokens", "reps", "device", "dtype")})
+    for flag, value in zip(argv[::2], argv[1::2]):
+        setattr(parser_args, flag.lstrip("-").replace("-", "_"), value)
+    return bench.resolve_settings(parser_args)
+
+
+@pytest.mark.parametrize("preset, params, sample_rows, update_tokens, micro_batches", [
+    ("cpu", None, 8, (8, 768), 2),  # the converted SmolLM2-135M-Instruct, 8 rows; the update 8 x 768 tokens
+    ("gpu-small", 134_515_008, 256, (32, 1024), 4),  # SmolLM2-135M's shape, 256 rows; the update 32 x 1024
+    ("gpu-7b", 7_615_616_512, 64, (8, 1024), 2),  # Qwen2.5-7B-Instruct's shape, 64 rows; the update 8 x 1024
+])
+def test_a_preset_builds_the_named_model_and_batches(preset, params, sample_rows, update_tokens, micro_batches):
+    """What a preset produces: the model it builds (a random one on the meta device: its shape, no memory), the
+    sampler's prompts (rows = prompts x group size, 512-token prompts, 256 new tokens), the update's rollout and
+    how its token budget splits that rollout into micro-batches."""
+    from grpo.train import plan_micro_batches
+
+    s = _settings("--preset", preset)
+    if params is None:
+        assert s["model"] == "default" and s["dtype"] == "float32"  # loaded, not built: needs `make model`
+        vocab = 49152
+    else:
+        model = bench.build_model(s, torch.device("meta"))
+        assert sum(p.numel() for p in model.parameters()) == params  # the published parameter count
+        assert next(model.parameters()).dtype == torch.bfloat16
+        vocab = model.config.vocab_size
+    prompts = bench.random_prompts(s["prompts"], s["prompt_tokens"], vocab, s["seed"])
+    assert len(prompts) * s["group_size"] == sample_rows and {len(p) for p in prompts} == {512}
+    assert s["new_tokens"] == 256
+    r = bench.synthetic_rollout(s, vocab, torch.device("cpu"), s["seed"])
+    rows = r["prompt_ids"].shape[0]
+    assert (rows, r["prompt_ids"].shape[1] + r["completion_ids"].shape[1]) == update_tokens
+    assert len(plan_micro_batches(r["prompt_mask"], r["completion_mask"], rows, s["micro_batch_tokens"])) \
+        == micro_batches
+
+
+def test_quick_and_command_line_flags_override_a_preset():
+    quick = _settings("--preset", "gpu-7b", "--quick", True)
+    assert quick["model"] == "random" and quick["shape"] == bench.TINY and quick["device"] == "cpu"
+    s = _settings("--preset", "cpu", "--prompts", 3, "--new-tokens", 16)
+    assert (s["prompts"], s["new_tokens"], s["group_size"]) == (3, 16, 8)

@@ -14,15 +14,12 @@ from grpo.functional import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
     clipped_surrogate,
-    completion_mask_from_tokens,
-    entropy_from_logits,
     group_advantages,
     kl_k3,
     logprobs_from_hidden,
     mask_truncated,
     masked_mean,
     masked_sum,
-    selective_log_softmax,
 )
 
 
@@ -75,70 +72,23 @@ def test_masked_reductions_ignore_nan_and_inf_in_masked_positions():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# selective_log_softmax / logprobs_from_hidden / entropy_from_logits
+# logprobs_from_hidden
 # ----------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
-@pytest.mark.parametrize("chunk_rows", [1, 3, 100])
-def test_selective_log_softmax_equals_cross_entropy(temperature, chunk_rows):
-    g = _gen(1)
-    logits = torch.randn(5, 6, 50, generator=g) * 3  # (N, T, V)
-    targets = torch.randint(0, 50, (5, 6), generator=g)  # (N, T)
-    expected = -F.cross_entropy((logits / temperature).transpose(1, 2), targets, reduction="none")  # (N, T)
-    logp = selective_log_softmax(logits, targets, temperature=temperature, chunk_rows=chunk_rows)
-    assert logp.shape == (5, 6) and logp.dtype == torch.float32
-    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_selective_log_softmax_uses_the_sampling_temperature():
-    # Trap 1: log-probs at temperature 1 are not those of a sampler at temperature 0.7.
-    g = _gen(2)
-    logits = torch.randn(2, 4, 30, generator=g) * 2
-    targets = torch.randint(0, 30, (2, 4), generator=g)
-    at_07 = selective_log_softmax(logits, targets, temperature=0.7)
-    torch.testing.assert_close(at_07, torch.log_softmax(logits / 0.7, dim=-1).gather(-1, targets[..., None])[..., 0])
-    assert not torch.allclose(at_07, selective_log_softmax(logits, targets, temperature=1.0), atol=1e-2)
-
-
-def test_selective_log_softmax_bf16_input():
-    g = _gen(3)
-    logits32 = torch.randn(4, 7, 200, generator=g) * 2  # (N, T, V)
-    targets = torch.randint(0, 200, (4, 7), generator=g)
-    logits16 = logits32.to(torch.bfloat16)
-    logp = selective_log_softmax(logits16, targets, temperature=0.9, chunk_rows=3)
-    assert logp.dtype == torch.float32
-    # The softmax runs in float32: exact up to float32 rounding w.r.t. the up-cast bf16 values...
-    exact = -F.cross_entropy((logits16.float() / 0.9).transpose(1, 2), targets, reduction="none")
-    torch.testing.assert_close(logp, exact, atol=1e-5, rtol=1e-5)
-    # ...and within bf16's rounding of the logits (~2^-8 relative) of the float32 reference.
-    reference = -F.cross_entropy((logits32 / 0.9).transpose(1, 2), targets, reduction="none")
-    torch.testing.assert_close(logp, reference, atol=5e-2, rtol=0)
-
-
-def test_selective_log_softmax_gradient_matches_cross_entropy():
-    g = _gen(4)
-    logits = (torch.randn(5, 3, 40, generator=g) * 2).requires_grad_()
-    targets = torch.randint(0, 40, (5, 3), generator=g)
-    weights = torch.randn(5, 3, generator=g)
-    (selective_log_softmax(logits, targets, temperature=0.8, chunk_rows=2) * weights).sum().backward()
-    ours = logits.grad.clone()
-    logits.grad = None
-    (-F.cross_entropy((logits / 0.8).transpose(1, 2), targets, reduction="none") * weights).sum().backward()
-    torch.testing.assert_close(ours, logits.grad, atol=1e-6, rtol=1e-5)
-
-
-def test_selective_log_softmax_keeps_no_fp32_copy_of_the_batch_for_backward():
-    # Trap 11: with grad on, the fp32 copies of the logits must not pile up chunk after chunk until backward.
-    n_seq, seq_len, vocab = 8, 4, 500
-    logits = torch.randn(n_seq, seq_len, vocab, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, vocab, (n_seq, seq_len))
-    kept = _new_saved_numel(lambda: selective_log_softmax(logits, targets, chunk_rows=2), [logits, targets])
-    assert kept <= 2 * seq_len * vocab  # at most one chunk's worth
-
 
 def _naive_logp_from_hidden(hidden, weight, targets, temperature, bias=None):
     logits = F.linear(hidden, weight, bias).float() / temperature  # (N, T, V): the full tensor we avoid
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+
+
+def test_logprobs_from_hidden_use_the_sampling_temperature():
+    # Trap 1: log-probs at temperature 1 are not those of a sampler at temperature 0.7.
+    g = _gen(2)
+    hidden, weight = torch.randn(2, 4, 8, generator=g), torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (2, 4), generator=g)
+    at_07 = logprobs_from_hidden(hidden, weight, targets, temperature=0.7, chunk_tokens=3)
+    logits = hidden @ weight.T  # (N, T, V)
+    torch.testing.assert_close(at_07, torch.log_softmax(logits / 0.7, dim=-1).gather(-1, targets[..., None])[..., 0])
+    assert not torch.allclose(at_07, logprobs_from_hidden(hidden, weight, targets, temperature=1.0), atol=1e-2)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -186,29 +136,6 @@ def test_logprobs_from_hidden_bf16_and_no_grad():
         logp = logprobs_from_hidden(hidden, weight, targets, chunk_tokens=4)
     assert logp.dtype == torch.float32 and not logp.requires_grad
     torch.testing.assert_close(logp, _naive_logp_from_hidden(hidden, weight, targets, 1.0), atol=2e-2, rtol=0)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_entropy_from_logits_matches_definition(temperature):
-    g = _gen(7)
-    logits = (torch.randn(5, 4, 30, generator=g) * 3).requires_grad_()
-    entropy = entropy_from_logits(logits, temperature=temperature, chunk_rows=2)
-    logp_all = torch.log_softmax(logits.detach() / temperature, dim=-1)
-    expected = -(logp_all.exp() * logp_all).sum(-1)  # (N, T)
-    assert entropy.shape == (5, 4) and entropy.dtype == torch.float32 and not entropy.requires_grad
-    torch.testing.assert_close(entropy, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_entropy_extremes_and_bf16():
-    vocab = 64
-    uniform = torch.zeros(2, 3, vocab)
-    torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2, 3), math.log(vocab)))
-    peaked = torch.zeros(1, 2, vocab)
-    peaked[..., 5] = 1000.0  # all mass on one token (the others underflow to p = 0): entropy 0, no nan from 0 * log 0
-    assert torch.allclose(entropy_from_logits(peaked), torch.zeros(1, 2), atol=1e-6)
-    logits = torch.randn(3, 4, vocab, generator=_gen(8))
-    torch.testing.assert_close(entropy_from_logits(logits.to(torch.bfloat16)), entropy_from_logits(logits),
-                               atol=2e-2, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,14 +415,25 @@ def test_aggregate_loss_micro_batches_add_up_to_the_full_batch(mode, split):
     assert full_grad.abs().sum() > 0
 
 
-def test_aggregate_loss_per_micro_batch_normaliser_is_wrong():
-    # The trap itself: normalising each micro-batch by its own token count and averaging over micro-batches
-    # weighs the tokens of short micro-batches more. This is what the explicit totals prevent.
+def test_a_per_micro_batch_normaliser_changes_the_gradient_and_the_step_totals_do_not():
+    # Trap 5, by its effect on the gradient. The reference is one backward over the whole batch (token_mean over
+    # this call's own kept tokens). Accumulating micro-batches that each divide by their own token count (and are
+    # averaged, as plain gradient accumulation does) weighs the tokens of short micro-batches more: another
+    # gradient. Passing the step's total instead gives the reference back, whatever the split.
     mask, features, weight = _ragged_batch()
-    loss = _per_token_loss(features, weight).detach()
-    full = aggregate_loss(loss, mask, "token_mean")
-    parts = [aggregate_loss(loss[rows], mask[rows], "token_mean") for rows in torch.arange(6).split([1, 2, 3])]
-    assert abs(sum(p.item() for p in parts) / 3 - full.item()) > 1e-3
+    (full_grad,) = torch.autograd.grad(aggregate_loss(_per_token_loss(features, weight), mask, "token_mean"), weight)
+    splits = torch.arange(6).split([3, 2, 1])  # 12, 5 and 2 kept tokens
+
+    def accumulated(**totals) -> torch.Tensor:
+        weight.grad = None
+        for rows in splits:
+            part = aggregate_loss(_per_token_loss(features[rows], weight), mask[rows], "token_mean", **totals)
+            (part if totals else part / len(splits)).backward()
+        return weight.grad.clone()
+
+    per_micro_batch = accumulated()
+    assert (per_micro_batch - full_grad).abs().max() > 0.1 * full_grad.abs().max()
+    torch.testing.assert_close(accumulated(total_tokens=mask.sum().item()), full_grad, atol=1e-6, rtol=1e-5)
 
 
 def _loop_aggregate(loss: list[list[float]], mask: list[list[float]], mode: str, total_tokens: float,
@@ -528,34 +466,8 @@ def test_aggregate_loss_matches_plain_loop(mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# completion_mask_from_tokens / mask_truncated
+# mask_truncated
 # ----------------------------------------------------------------------------------------------------------------
-
-def test_completion_mask_keeps_first_eos_when_pad_equals_eos():
-    # Trap 4: SmolLM2 pads with its EOS id (2 here). The first EOS is kept, everything after it is dropped.
-    eos = pad = 2
-    ids = torch.tensor([
-        [5, 6, 2, 2, 2],  # stopped at t = 2, then padded with the same id
-        [2, 2, 2, 2, 2],  # stopped at once: the EOS alone is trained on
-        [5, 6, 7, 8, 9],  # never stopped (truncated): all ones
-        [5, 2, 6, 2, 7],  # tokens after the first EOS are dropped even if they are not EOS
-    ])
-    mask = completion_mask_from_tokens(ids, [eos])
-    assert mask.dtype == torch.float32
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    # The wrong way, `ids != pad`, would drop the EOS token itself: the model would never learn to stop.
-    assert (ids != pad).float()[0].tolist() == [1, 1, 0, 0, 0]
-
-
-def test_completion_mask_honours_every_eos_id():
-    ids = torch.tensor([[5, 9, 2, 3], [5, 6, 2, 9], [5, 6, 7, 8]])
-    expected = [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert completion_mask_from_tokens(ids, {2, 9}).tolist() == expected
-    assert completion_mask_from_tokens(ids, [9, 2]).tolist() == expected
-    assert completion_mask_from_tokens(ids, [2]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    with pytest.raises(ValueError):
-        completion_mask_from_tokens(ids, [])
-
 
 def test_mask_truncated_zeroes_rows_and_returns_a_new_tensor():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -575,14 +487,11 @@ def test_mask_truncated_zeroes_rows_and_returns_a_new_tensor():
 
 @pytest.mark.parametrize("call", [
     lambda: masked_mean(torch.ones(2, 3), torch.ones(3, 2)),
-    lambda: selective_log_softmax(torch.ones(2, 3, 5), torch.zeros(2, 4, dtype=torch.long)),
-    lambda: selective_log_softmax(torch.ones(2, 3, 5), torch.zeros(2, 3)),  # float targets
     lambda: logprobs_from_hidden(torch.ones(2, 3, 4), torch.ones(5, 6), torch.zeros(2, 3, dtype=torch.long)),
     lambda: group_advantages(torch.ones(7), group_size=3),
     lambda: clipped_surrogate(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3)),
     lambda: kl_k3(torch.ones(2, 3), torch.ones(3, 2)),
     lambda: aggregate_loss(torch.ones(2, 3), torch.ones(2, 4), "token_mean"),
-    lambda: completion_mask_from_tokens(torch.ones(2, 3), [1]),  # float ids
     lambda: mask_truncated(torch.ones(2, 3), torch.tensor([1, 0])),  # truncated not bool
 ])
 def test_shape_and_dtype_asserts(call):
@@ -592,23 +501,19 @@ def test_shape_and_dtype_asserts(call):
 
 def test_no_function_mutates_its_arguments():
     g = _gen(18)
-    logits = torch.randn(3, 4, 10, generator=g)
     targets = torch.randint(0, 10, (3, 4), generator=g)
     hidden, weight = torch.randn(3, 4, 6, generator=g), torch.randn(10, 6, generator=g)
     logp, old_logp = -torch.rand(3, 4, generator=g), -torch.rand(3, 4, generator=g)
     rewards, mask = torch.rand(3, generator=g), torch.ones(3, 4)
     truncated = torch.tensor([True, False, False])
-    args = [logits, targets, hidden, weight, logp, old_logp, rewards, mask, truncated]
+    args = [targets, hidden, weight, logp, old_logp, rewards, mask, truncated]
     snapshots = [a.clone() for a in args]
     masked_sum(logp, mask), masked_mean(logp, mask, dim=1)
-    selective_log_softmax(logits, targets, 0.7, chunk_rows=2)
     logprobs_from_hidden(hidden, weight, targets, 0.7, chunk_tokens=5)
-    entropy_from_logits(logits, 0.7)
     adv, _ = group_advantages(rewards, 3)
     clipped_surrogate(logp, old_logp, adv)
     kl_k3(logp, old_logp)
     aggregate_loss(logp, mask, "dr_grpo", max_completion_len=4)
-    completion_mask_from_tokens(targets, [3])
     mask_truncated(mask, truncated)
     for arg, snapshot in zip(args, snapshots):
         assert torch.equal(arg, snapshot)

@@ -370,10 +370,3 @@ def test_budget_with_real_tokenizer(smollm2_tokenizer):
 def test_prompts_does_not_import_torch():
     code = "import sys, prompts; assert 'torch' not in sys.modules, 'prompts imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
-
-
-def test_public_api():
-    import prompts
-
-    for name in ("parse_completion", "ParseResult", "render_prompt", "build_messages", "REWARDS", "TEMPLATES"):
-        assert hasattr(prompts, name)

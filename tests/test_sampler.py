@@ -16,21 +16,49 @@ def ragged_prompts(vocab=128, seed=0):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def _stopping_tokens(free: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """From a greedy run without EOS (N >= 3 rows, T steps), two (step, row, token) that end rows unevenly when
+    taken as EOS ids: `early` first appears in one row only, at step >= 1; `late` in another row only, at a later
+    step before the last; every other row contains neither, so it runs to the end."""
+    N, T = free.shape
+    assert N >= 3
+    firsts = []  # (step, row, token) for each token that occurs in exactly one row, at its first occurrence
+    for tok in free.unique().tolist():
+        rows = (free == tok).any(1).nonzero().flatten().tolist()
+        if len(rows) == 1:
+            firsts.append((int((free[rows[0]] == tok).nonzero()[0]), rows[0], tok))
+    early = min(f for f in firsts if f[0] >= 1)
+    late = max(f for f in firsts if f[1] != early[1] and early[0] < f[0] < T - 1)
+    return early, late
+
+
 @pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
 def test_greedy_matches_hf_generate_with_ragged_left_padding(cache_impl):
-    model = tiny_model()
+    model = tiny_model(initializer_range=0.5)  # large weights: greedy rows wander instead of repeating a token
     prompts = ragged_prompts()
-    ours = sample(model, prompts, group_size=1, max_new_tokens=20, eos_ids=[EOS], pad_id=PAD, greedy=True,
-                  cache_impl=cache_impl)
+    T = 20
     ids, mask = left_pad(prompts, PAD)
-    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                        eos_token_id=EOS, pad_token_id=PAD, min_new_tokens=20)
-    hf_new = hf[:, ids.shape[1]:]
-    # A random model rarely emits EOS; where it does, compare up to and including it.
-    for row in range(len(prompts)):
-        n = int(ours.completion_mask[row].sum())
-        assert ours.completion_ids[row, :n].tolist() == hf_new[row, :n].tolist()
-    assert ours.completion_ids.shape[1] == 20
+    # Without EOS: every row runs to T, token for token as `generate`.
+    ours = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=PAD, greedy=True,
+                  cache_impl=cache_impl)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False,
+                          eos_token_id=None, pad_token_id=PAD, min_new_tokens=T)[:, ids.shape[1]:]
+    assert torch.equal(ours.completion_ids, free)
+    # With two EOS ids that the model really emits, one row ends early, one late, the others never: `generate`
+    # stops each row at its first EOS and pads after it; so must we, with the same tokens, the same lengths.
+    early, late = _stopping_tokens(free)
+    eos = [early[2], late[2]]
+    ours = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=eos, pad_id=PAD, greedy=True,
+                  cache_impl=cache_impl)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False,
+                        eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:]
+    hf_lengths = [next((t + 1 for t, tok in enumerate(row) if tok in eos), T) for row in hf.tolist()]
+    expected = [T] * len(prompts)
+    expected[early[1]], expected[late[1]] = early[0] + 1, late[0] + 1
+    assert hf_lengths == expected  # the case is what it says: EOS inside the span, rows ending apart
+    assert ours.completion_lengths.tolist() == hf_lengths
+    assert ours.truncated.tolist() == [n == T for n in hf_lengths]
+    assert torch.equal(ours.completion_ids, hf)  # up to and including each EOS, then PAD as `generate` pads
 
 
 @pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
@@ -69,19 +97,28 @@ def test_sampler_logprobs_match_a_full_forward_at_temperature(cache_impl):
 
 
 def test_eos_is_kept_in_mask_and_rows_stop_independently_with_pad_equal_eos():
-    # pad == eos (as in SmolLM2), two EOS ids; the mask must come from the first stop, not from pad ids.
-    model = tiny_model()
+    # Trap 4. Two EOS ids the model really emits (found in a run without EOS), one of them also the pad id (as in
+    # SmolLM2): one row ends early, one later, the others run to the end. The mask must come from where each row
+    # stopped, so it keeps the EOS even though that EOS equals the padding after it.
+    model = tiny_model(initializer_range=0.5)
     prompts = ragged_prompts()
-    r = sample(model, prompts, group_size=1, max_new_tokens=15, eos_ids=[5, 7], pad_id=5, greedy=True)
-    for row in range(r.completion_ids.shape[0]):
-        toks = r.completion_ids[row].tolist()
-        stops = [i for i, t in enumerate(toks) if t in (5, 7)]
-        n = int(r.completion_mask[row].sum())
-        if stops:
-            assert n == stops[0] + 1  # the EOS itself is kept, nothing after it
-            assert not r.truncated[row]
-        else:
-            assert n == len(toks) and r.truncated[row]
+    T = 15
+    free = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=0, greedy=True)
+    early, late = _stopping_tokens(free.completion_ids)
+    pad = early[2]
+    r = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[early[2], late[2]], pad_id=pad, greedy=True)
+    assert r.completion_ids.shape == (4, T)  # a row still running keeps the batch going
+    lengths = [T] * 4
+    lengths[early[1]], lengths[late[1]] = early[0] + 1, late[0] + 1
+    assert r.completion_lengths.tolist() == lengths  # each row stopped at its own first EOS, EOS included
+    for row, n in enumerate(lengths):
+        assert r.completion_mask[row].tolist() == [1.0] * n + [0.0] * (T - n)
+        assert r.completion_ids[row, :n].tolist() == free.completion_ids[row, :n].tolist()  # what the model wrote
+        assert (r.completion_ids[row, n:] == pad).all()
+        assert bool(r.truncated[row]) == (n == T)
+    stopped = r.completion_ids[early[1]]
+    assert stopped[early[0]] == pad and r.completion_mask[early[1], early[0]] == 1  # the EOS == pad is kept
+    assert (r.logp[r.completion_mask.bool()] < 0).all()  # kept tokens carry their log-probs, EOS included
     assert (r.logp * (1 - r.completion_mask)).abs().sum() == 0
 
 
