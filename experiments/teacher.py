@@ -169,7 +169,9 @@ def _shutdown(sock: socket.socket | None) -> None:
         pass
 
 
-class _WatchedHTTP(urllib.request.HTTPHandler):
+class _Watched:
+    """Mixed into urllib's HTTP and HTTPS handlers: their connections run under the request's deadline."""
+
     def __init__(self, deadline: _Deadline):
         super().__init__()
         self._deadline = deadline
@@ -178,13 +180,12 @@ class _WatchedHTTP(urllib.request.HTTPHandler):
         return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
 
 
-class _WatchedHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self._deadline = deadline
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
+
+class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
