@@ -41,7 +41,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSONL file. A last line cut short by a kill (no newline, not valid JSON) is dropped;
     a broken line anywhere else is an error naming it."""
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().split("\n")]
+        lines = f.read().split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -89,9 +89,8 @@ class RunLog:
                  enabled: bool = True):
         self.dir = Path(run_dir)
         self.enabled = enabled
-        if not enabled:
-            tensorboard = plot = False
-        else:
+        tensorboard, plot = tensorboard and enabled, plot and enabled
+        if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.samples_path = self.dir / "samples.jsonl"

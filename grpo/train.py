@@ -227,7 +227,8 @@ def evaluate(policy: Policy, task: Task, items: list[dict], sampling: SamplingCo
     policy.decode_model(sampling.decode_weights)  # all ranks refresh the decode copy together, first
     mine = items[dist.rank::dist.world_size]
     completions, lengths = greedy_completions(policy, [it["prompt"] for it in mine], sampling, batch_size)
-    completions, lengths = dist.unshare(completions, len(items)), dist.unshare(lengths, len(items))
+    if dist.enabled:  # one gather for both lists
+        completions, lengths = map(list, zip(*dist.unshare(list(zip(completions, lengths)), len(items))))
     metrics = dict(task.evaluate(items, completions))
     metrics["len_mean"] = float(np.mean(lengths)) if lengths else 0.0
     metrics["time_s"] = time.perf_counter() - start
