@@ -43,7 +43,6 @@ from experiments.copying import THRESHOLD as COPY_THRESHOLD
 from experiments.copying import copy_rate
 from experiments.stats import LEVEL, RESAMPLES, SEED, bootstrap_ci, paired_bootstrap
 from experiments.task import RecTask, rating_metrics, scored_predictions
-from prompts import get_template
 from grpo.config import apply_overrides, build_config, read_config_values
 from grpo.models import load_tokenizer
 from grpo.runlog import _clean as json_safe
@@ -113,11 +112,6 @@ def baseline_rows(data_dir: str, examples: list[dict]) -> dict[str, dict]:
     return {name: interval_metrics(err) for name, err in baseline_errors(data_dir, examples).items()}
 
 
-def demonstrations(cfg: ExperimentConfig) -> list[str]:
-    """The answer texts the prompt shows as a demonstration: the template's one-shot answer, if shown."""
-    return [get_template(cfg.task.template).one_shot_answer] if cfg.task.one_shot != "none" else []
-
-
 def evaluate_model(cfg: ExperimentConfig, split: str, limit: int, batch_size: int) -> tuple[dict, list[dict]]:
     policy = load_policy(cfg.model, for_training=False)
     task = RecTask(cfg.task, policy.tokenizer)
@@ -128,7 +122,7 @@ def evaluate_model(cfg: ExperimentConfig, split: str, limit: int, batch_size: in
     completions, lengths = greedy_completions(policy, [it["prompt"] for it in items], cfg.sampling, batch_size,
                                               progress=True)
     seconds = time.perf_counter() - start
-    metrics, rows = score_completions(task, items, completions, demonstrations(cfg))
+    metrics, rows = score_completions(task, items, completions, task.demonstrations)
     metrics.update({"len_mean": float(np.mean(lengths)), "time_s": seconds,
                     "s_per_example": seconds / max(len(items), 1)})
     return metrics, rows

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from grpo.config import check
-from experiments.copying import ngrams, reasoning_text
+from experiments.copying import copy_rate, ngrams, reasoning_text
 from prompts import REWARDS, TEMPLATES, get_template, parse_completion, render_prompt
 
 
@@ -134,12 +134,13 @@ class LazyItems(Sequence):
 class RecTask:
     """Implements grpo.task.Task for rating prediction."""
 
-    curve_keys = ["reward/format_ok", "reward/abs_error", "eval/mae", "eval/format_fail"]
+    curve_keys = ["reward/format_ok", "reward/abs_error", "eval/mae", "eval/format_fail", "eval/copy_rate"]
 
     def __init__(self, cfg: TaskConfig, tokenizer):
         self.cfg = cfg  # its names and ranges were checked when it was built (TaskConfig.__post_init__)
-        shown = cfg.copy_penalty > 0 and cfg.one_shot != "none"
-        self.demonstration_grams = ngrams(reasoning_text(get_template(cfg.template).one_shot_answer)) if shown else set()
+        self.demonstrations = [get_template(cfg.template).one_shot_answer] if cfg.one_shot != "none" else []
+        shown = cfg.copy_penalty > 0 and self.demonstrations
+        self.demonstration_grams = ngrams(reasoning_text(self.demonstrations[0])) if shown else set()
         self.tokenizer = tokenizer
         self.data_dir = Path(cfg.data_dir)
         self.reward_fn = REWARDS[cfg.reward]
@@ -226,10 +227,13 @@ class RecTask:
         return rows
 
     def evaluate(self, items: list[dict], completions: list[str]) -> dict[str, float]:
+        """Strict rating metrics and the copy rate (experiments/copying.py) of a set of greedy answers."""
         rows = self.predictions(items, completions)
         scale = self.scale(items[0]["example"]) if items else (1.0, 5.0)
-        return rating_metrics([r["label"] for r in rows], [r["prediction"] for r in rows],
-                              [r["rating"] is None for r in rows], scale)
+        metrics = rating_metrics([r["label"] for r in rows], [r["prediction"] for r in rows],
+                                 [r["rating"] is None for r in rows], scale)
+        metrics["copy_rate"] = copy_rate([self.answer(c) for c in completions], self.demonstrations)["copy_rate"]
+        return metrics
 
     def describe(self, item: dict, completion: str) -> dict:
         parsed = self.parse(item["example"], completion)
