@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# Where the small real data samples live (tests, CI, the default run); the full files are downloaded.
+# Where the small real data samples live (tests, CI, the default run); without them `make data` downloads.
 export RECZERO_DATA_DIR ?= $(abspath ../shared/data)
 ARGS ?=
 
@@ -22,9 +22,11 @@ setup: $(VENV)/.installed model
 model: $(VENV)/.installed
 	$(PY) -m grpo.models
 
-# The default dataset: the Amazon Digital Music sample -> data/amazon-music/{train,val,test}.jsonl
+# The default dataset -> data/amazon-music/{train,val,test}.jsonl: from the local sample in $(RECZERO_DATA_DIR)
+# when there is one, else the official Amazon 2014 Digital Music 5-core and metadata, downloaded into
+# data/raw/amazon-music/ (progress bar, sha256 printed); recdata/download.py names the files.
 data/amazon-music/train.jsonl: $(VENV)/.installed
-	$(PY) -m recdata.prepare --dataset amazon-music --raw-dir $(RECZERO_DATA_DIR)/amazon-music-2014-sample --out data/amazon-music
+	$(PY) -m recdata.prepare --dataset amazon-music --download --out data/amazon-music
 
 data: data/amazon-music/train.jsonl
 

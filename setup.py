@@ -13,7 +13,7 @@ setup(
     package_data={"experiments": ["configs/*.yaml"]},
     install_requires=[
         # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 installs a CPU build here.
-        # GPU users install the CUDA build of the same version first (see README).
+        # GPU users install the CUDA build of the same version first (see docs/scaling.md).
         "torch==2.13.0",
         "transformers>=4.46",
         "safetensors",

@@ -21,7 +21,7 @@ vocabulary), it times:
               micro-batches by a token budget) and off (one pass, full fp32 logits of every position):
               tokens/s and peak memory (CUDA: max_memory_allocated; CPU: growth of the resident set).
 
-Presets (README "Performance"): `cpu` (the default SmolLM2-135M-Instruct, fp32, G = 8 completions of one
+Presets (docs/performance.md): `cpu` (the default SmolLM2-135M-Instruct, fp32, G = 8 completions of one
 512-token prompt, 256 new tokens), `gpu-small` (random weights of SmolLM2-135M's shape, bf16, 256 rows) and
 `gpu-7b` (random weights of Qwen2.5-7B-Instruct's shape, bf16, 64 rows, 512-token prompts, 256 new tokens;
 update 8 x 1024 tokens). `--quick` shrinks any preset to a tiny random model for a test. Every figure goes to
@@ -48,9 +48,10 @@ import torch
 
 from grpo.config import GRPOConfig
 from grpo.models import build_random_model, load_model, pick_device
-from grpo.policy import build_inputs, completion_logprobs
-from grpo.sampler import sample
-from grpo.train import accumulate_policy_gradients, plan_micro_batches
+from grpo.functional import grpo_loss
+from grpo.logprobs import build_inputs, completion_logprobs, completion_logprobs_fast
+from grpo.fast import sample
+from grpo.batching import plan_micro_batches
 
 SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -319,7 +320,7 @@ def _reset_compiler():
 def hf_cached_logprobs(model, prompt_ids, prompt_mask, completion_ids) -> torch.Tensor:
     """log p(completion token t) from Hugging Face's own decode path: its forward with a DynamicCache, one token
     per call (what `generate` runs), teacher-forced on the given tokens; temperature 1. (N, T) float32."""
-    from grpo.decode import HFDecoder
+    from grpo.fast.decode import HFDecoder
 
     N, T = completion_ids.shape
     decoder = HFDecoder(model, "dynamic", prompt_ids.shape[1], T)
@@ -405,7 +406,7 @@ def first_step(model, prompts, s: dict, device, cuda_graphs: bool | None, **opti
     """Our decoder on the preset's prompts, prefilled, after its first step (the one that captures the graph):
     (decoder, token (N,), position (N,)), tokens and positions to feed it again; (decoder, None, None) where
     the engine is not a SlotDecoder (nothing run)."""
-    from grpo.decode import SlotDecoder, make_decoder
+    from grpo.fast.decode import SlotDecoder, make_decoder
     from grpo.sampler import left_pad
 
     G, T = s["group_size"], s["new_tokens"]
@@ -593,16 +594,21 @@ def one_update(model, optimizer, r: dict, measures: bool, s: dict, autocast_dtyp
     def logprobs_of(rows):
         with autocast:
             if measures:
-                return completion_logprobs(model, r["prompt_ids"][rows], r["prompt_mask"][rows],
-                                           r["completion_ids"][rows], r["completion_mask"][rows],
-                                           chunk_tokens=cfg.logprob_chunk_tokens, prompt_index=r["prompt_index"][rows])
+                return completion_logprobs_fast(model, r["prompt_ids"][rows], r["prompt_mask"][rows],
+                                                r["completion_ids"][rows], r["completion_mask"][rows],
+                                                chunk_tokens=cfg.logprob_chunk_tokens,
+                                                prompt_index=r["prompt_index"][rows])
             return naive_logprobs(model, r["prompt_ids"][rows], r["prompt_mask"][rows],
                                   r["completion_ids"][rows], r["completion_mask"][rows])
 
     sync(device)
     start = time.perf_counter()
-    accumulate_policy_gradients(logprobs_of, batches, r["advantages"], r["completion_mask"], None, None, cfg,
-                                max_completion_len=r["completion_ids"].shape[1])
+    mask = r["completion_mask"]  # (N, T)
+    for rows in batches:  # the GRPO update of grpo/train.py, phase 6, with mu = 1 and no KL
+        logp = logprobs_of(rows)  # (n, T)
+        loss, _ = grpo_loss(logp, logp.detach(), None, r["advantages"][rows], mask[rows],
+                            total_tokens=float(mask.sum()), max_completion_len=mask.shape[1])
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
 """Cold-start reasoning traces for RecOne: `python -m experiments.coldstart --config experiments/configs/recone.yaml`.
 
-Two teachers write answers in the four-tag format for training examples; only traces that parse under the
+Three teachers write answers in the four-tag format for training examples; only traces that parse under the
 strict format rule and whose rating is within `tolerance` of the label are kept (docs/paper.md, RecOne):
+- `teacher: rules` (no model, no network): each trace states the example's own facts (the user's liked and
+  disliked titles, the item's reviews and averages) and rates by the bias rule (experiments/rule_teacher.py).
 - `teacher: self` (default, no network; the paper's open question 1): the current model samples
   `samples_per_example` answers per example; the kept answer is the one closest to the label. Bias
   correction: when none is close enough, the model is asked again with the true rating given.
@@ -21,18 +23,22 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.config import ExperimentConfig, config_from_cli
+from experiments.copying import ngrams
+from experiments.rule_teacher import rule_trace
 from experiments.task import RecTask
 from experiments.teacher import TeacherConfig, check_trace, example_id, generate_traces
 from grpo.sft import SFTConfig
-from grpo.sampler import Scaffold
-from grpo.train import decode_completions, generate, load_policy
+from grpo.scaffold import Scaffold
+from grpo.policy import load_policy
+from grpo.rollout import decode_completions, generate
 from prompts import TEMPLATES, parse_completion
 
 
 @dataclass
 class ColdStartConfig:
     teacher: str = "self"
-    """self (the model writes its own traces) or openai (an OpenAI-compatible endpoint, see `teacher`)."""
+    """self (the model writes its own traces), rules (traces written from each example's data,
+    experiments/rule_teacher.py) or openai (an OpenAI-compatible endpoint, see `teacher`)."""
     out: str = "runs/recone/coldstart.jsonl"
     """The traces file (one line per example; reused and resumed if it exists)."""
     n_examples: int = 64
@@ -64,15 +70,11 @@ class ReconeConfig(ExperimentConfig):
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
-def _ngrams(text: str, n: int = 6) -> set[tuple[str, ...]]:
-    words = text.split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
 def copy_overlap(answer: str, demonstration: str, n: int = 6) -> float:
-    """Share of the demonstration's word n-grams that reappear in the answer (0 = none, 1 = a full copy)."""
-    demo = _ngrams(demonstration, n)
-    return len(demo & _ngrams(answer, n)) / len(demo) if demo else 0.0
+    """Share of the demonstration's word n-grams (experiments/copying.py) that reappear in the answer (0 = none,
+    1 = a full copy)."""
+    demo = ngrams(demonstration, n)
+    return len(demo & ngrams(answer, n)) / len(demo) if demo else 0.0
 
 
 def _hint_prompt(task: RecTask, example: dict) -> str:
@@ -180,17 +182,38 @@ def self_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
     return stats
 
 
+def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
+    """Traces written by rule from each example's data (experiments/rule_teacher.py); the file is rewritten."""
+    train = RecTask(cfg.task, tokenizer=None).examples("train")
+    global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
+    stats = {"requested": len(examples), "kept": 0, "rejected_rating": 0, "rejected_format": 0}
+    prefill = cfg.task.prefill
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for ex in examples:
+            text = rule_trace(ex, global_mean)
+            kept, why, _ = check_trace(text, ex, tolerance=cfg.coldstart.tolerance, template=cfg.task.template)
+            stats["kept" if kept else f"rejected_{why.split(':')[0].replace('wrong_', '')}"] += 1
+            completion = text[len(prefill):] if text.startswith(prefill) else text
+            f.write(json.dumps({"example_id": example_id(ex), "prompt": None, "completion": completion,
+                                "label": float(ex["rating"]), "kept": kept, "stage": "first" if kept else "rejected",
+                                "reason": why, "source": "rules"}, ensure_ascii=False) + "\n")
+    return stats
+
+
 def write_traces(cfg: ReconeConfig) -> tuple[Path, dict]:
     out = Path(cfg.coldstart.out)
     task_examples = RecTask(cfg.task, tokenizer=None).examples("train")[: cfg.coldstart.n_examples]
     if cfg.coldstart.teacher == "self":
         stats = self_traces(cfg, task_examples, out)
+    elif cfg.coldstart.teacher == "rules":
+        stats = rule_traces(cfg, task_examples, out)
     elif cfg.coldstart.teacher == "openai":
         teacher = TeacherConfig(**{**cfg.teacher.__dict__, "tolerance": cfg.coldstart.tolerance,
                                    "bias_correction": cfg.coldstart.bias_correction})
         stats = generate_traces(task_examples, teacher, out, template=cfg.task.template)
     else:
-        raise ValueError(f"coldstart.teacher must be self or openai, got {cfg.coldstart.teacher!r}")
+        raise ValueError(f"coldstart.teacher must be self, rules or openai, got {cfg.coldstart.teacher!r}")
     print("cold-start traces:", json.dumps(stats))
     return out, stats
 

@@ -46,7 +46,8 @@ from experiments.task import RecTask, rating_metrics, scored_predictions
 from grpo.config import apply_overrides, build_config, read_config_values
 from grpo.models import load_tokenizer
 from grpo.runlog import _clean as json_safe
-from grpo.train import greedy_completions, load_policy
+from grpo.policy import load_policy
+from grpo.rollout import greedy_completions
 from recdata.readers import atomic_write, same_file
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "reczero.yaml"

@@ -7,7 +7,7 @@ rebuilt from the run's config.yaml, the adapters are loaded and W + (alpha / r) 
 fp32 checkpoint that `AutoModelForCausalLM.from_pretrained` loads with no LoRA code at all. A checkpoint that
 already is a full model is copied (without its optimizer state).
 
-A `random_init` base is rebuilt with the run's seed (run.seed), exactly as grpo/train.py's load_policy built
+A `random_init` base is rebuilt with the run's seed (run.seed), exactly as grpo/policy.py's load_policy built
 it: the adapters only make sense on top of that very base, and another seed is another base.
 """
 from __future__ import annotations

@@ -60,7 +60,7 @@ Phases (they do not overlap in time):
             the micro-batch:
                 no checkpointing:    L x A + W      (W = one layer's backward working set, 3 c I + 4 s H)
                 with checkpointing:  L x s H + A + W  (each layer's input, one layer recomputed)
-            with grpo.share_prompt_forward and no checkpointing, prompts run once per micro-batch:
+            with grpo.logprobs=fast and no checkpointing, prompts run once per micro-batch:
             L x (U P_tok A + n T (A - 2 c kv) + n S 2 c kv), U = the distinct prompts of n rows.
             Plus the final norm and the completion hidden states, the attention mask (n S^2 bytes), the
             log-prob chunk (grpo.logprob_chunk_tokens tokens x V x (c + 12) bytes: the chunk's logits, their
@@ -72,7 +72,7 @@ Phases (they do not overlap in time):
             root's unsharded bf16 gradient and one layer's fp32 gradient before its reduce-scatter.
   step      gradients + AdamW's temporaries: CUDA's foreach AdamW allocates sqrt(v) for every trainable
             tensor at once (4 B x trainable / N); the CPU's per-tensor loop two of the largest tensor.
-  start-up  CUDA, before sharding (grpo.train.prepare_training): the full fp32 model (4 B x P), the fp32
+  start-up  CUDA, before sharding (grpo.policy.prepare_training): the full fp32 model (4 B x P), the fp32
             reference (beta > 0) and, with N > 1, the bf16 decode copy, on every GPU at once.
 
 Peak = max(start-up, resident + max(rollout, eval, update, step)). Margin, stated apart: CUDA 10% of the peak
@@ -103,10 +103,10 @@ CUDA_MARGIN_FRACTION = 0.10
 CUDA_MARGIN_FIXED = 1 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces
 CPU_MARGIN_FRACTION = 0.25  # glibc keeps freed heap memory in RSS: 0-18% over the live bytes (docs/memory.md)
 CPU_RUNTIME_BYTES = 160 * 2 ** 20  # tokenizer, oneDNN/MKL scratch, first-call caches: measured with the tiny model
-CUDA_SMS = 132  # H100 / H200 streaming multiprocessors (the grid-cache rule of grpo/decode.py)
-SLOT_ALIGN = 16  # grpo.decode.SLOT_ALIGN
-PACK_LIMIT_BYTES = 4 * GIB  # grpo.decode.PACK_LIMIT_BYTES
-STACK_FREE_FRACTION = 0.25  # grpo.decode.STACK_FREE_FRACTION
+CUDA_SMS = 132  # H100 / H200 streaming multiprocessors (the grid-cache rule of grpo/fast/decode.py)
+SLOT_ALIGN = 16  # grpo.fast.decode.SLOT_ALIGN
+PACK_LIMIT_BYTES = 4 * GIB  # grpo.fast.decode.PACK_LIMIT_BYTES
+STACK_FREE_FRACTION = 0.25  # grpo.fast.decode.STACK_FREE_FRACTION
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -320,7 +320,7 @@ def setup_from_config(cfg, gpus: int = 1, memory_gib: float = 80.0, device: str 
                  prompt_tokens=cfg.task.max_prompt_tokens, new_tokens=cfg.sampling.max_new_tokens,
                  micro_rows=g.micro_batch_size, micro_tokens=g.micro_batch_tokens,
                  chunk_tokens=g.logprob_chunk_tokens,
-                 share_prompt=g.share_prompt_forward, eval_rows=cfg.run.eval_batch_size,
+                 share_prompt=g.logprobs == "fast", eval_rows=cfg.run.eval_batch_size,
                  eval_examples=cfg.run.eval_examples)
 
 
@@ -346,7 +346,7 @@ def kv_tokens_naive(prompts: int, group: int, prompt_tokens: int, new_tokens: in
 
 
 def grid_cache_used(shape: Shape, prompts: int, group: int, sms: int = CUDA_SMS) -> bool:
-    """grpo.decode.SlotDecoder._grid_fills_gpu: one block per (prompt, kv head, 64 query positions)."""
+    """grpo.fast.decode.SlotDecoder._grid_fills_gpu: one block per (prompt, kv head, 64 query positions)."""
     if group <= 1:
         return False
     r = shape.heads // shape.kv_heads
@@ -355,7 +355,7 @@ def grid_cache_used(shape: Shape, prompts: int, group: int, sms: int = CUDA_SMS)
 
 def kv_cache(shape: Shape, cuda: bool, prompts: int, group: int, prompt_tokens: int,
              new_tokens: int) -> tuple[int, int, str]:
-    """(bytes, cached tokens, layout) of the sampler's KV cache, as grpo/decode.py lays it out."""
+    """(bytes, cached tokens, layout) of the sampler's KV cache, as grpo/fast/decode.py lays it out."""
     P, T = prompt_tokens, new_tokens
     if not cuda:  # split cache: prompts once, each row's completion slots (L - P of them)
         tokens, layout = prompts * P + prompts * group * (aligned(P + T) - P), "split (CPU)"
@@ -549,7 +549,7 @@ def resident_terms(shape: Shape, s: Setup) -> list[Term]:
 
 
 def load_peak(shape: Shape, s: Setup) -> int:
-    """Start-up on CUDA (grpo.train.prepare_training), before sharding: every process loads the full fp32 model
+    """Start-up on CUDA (grpo.policy.prepare_training), before sharding: every process loads the full fp32 model
     onto its GPU, deep-copies the reference (beta > 0, full fine-tune) and makes the bf16 decode copy (N > 1
     or LoRA; LoRA first casts its frozen base to bf16), then shards."""
     if not s.cuda:
@@ -802,10 +802,11 @@ def _measure_worker(cfg, seed: int = 0) -> dict:
 
     import torch
 
-    from grpo.functional import group_advantages
-    from grpo.sampler import sample
-    from grpo.train import accumulate_policy_gradients, load_policy, make_optimizer, plan_micro_batches
-    from grpo.policy import completion_logprobs
+    from grpo.batching import plan_micro_batches
+    from grpo.fast import sample
+    from grpo.functional import group_advantages, grpo_loss
+    from grpo.logprobs import completion_logprobs, completion_logprobs_fast
+    from grpo.policy import load_policy, make_optimizer
 
     torch.manual_seed(seed)
     cfg.model.device = "cpu"
@@ -841,14 +842,21 @@ def _measure_worker(cfg, seed: int = 0) -> dict:
     advantages, _ = group_advantages(rewards, G, scale_by_std=g.scale_rewards_by_std)
 
     def logprobs_of(rows):
-        return completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                   rollout.completion_ids[rows], rollout.completion_mask[rows],
-                                   temperature=cfg.sampling.temperature, chunk_tokens=g.logprob_chunk_tokens,
-                                   prompt_index=rollout.prompt_index[rows] if g.share_prompt_forward else None)
+        args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                rollout.completion_mask[rows])
+        if g.logprobs == "reference":
+            return completion_logprobs(model, *args, temperature=cfg.sampling.temperature,
+                                       chunk_tokens=g.logprob_chunk_tokens)
+        return completion_logprobs_fast(model, *args, temperature=cfg.sampling.temperature,
+                                        chunk_tokens=g.logprob_chunk_tokens, prompt_index=rollout.prompt_index[rows])
 
     model.train()
-    accumulate_policy_gradients(logprobs_of, micro, advantages, rollout.completion_mask, None, None, g,
-                                max_completion_len=T)
+    mask = rollout.completion_mask  # (N, T)
+    for rows in micro:  # the GRPO update of grpo/train.py, phase 6, with mu = 1 and no KL
+        logp = logprobs_of(rows)  # (n, T)
+        loss, _ = grpo_loss(logp, logp.detach(), None, advantages[rows], mask[rows], total_tokens=float(mask.sum()),
+                            loss_agg=g.loss_agg, total_seqs=float(B * G), max_completion_len=T)
+        loss.backward()
     update_peak = _status_kib("VmHWM")
     _reset_peak()
     torch.nn.utils.clip_grad_norm_(model.parameters(), g.max_grad_norm if g.max_grad_norm > 0 else math.inf)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from experiments.evaluate import resolve_config
 from experiments.task import RecTask
-from grpo.train import greedy_completions, load_policy
+from grpo.policy import load_policy
+from grpo.rollout import greedy_completions
 from recdata.readers import atomic_write, same_file
 
 # Fields an example needs to make a prompt, and their JSON types.

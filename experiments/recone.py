@@ -51,10 +51,11 @@ def run_recone(cfg: ReconeConfig) -> Path:
     if len(pairs) < 2:
         raise RuntimeError(f"only {len(pairs)} cold-start traces were kept ({traces}); raise coldstart.n_examples, "
                            "coldstart.samples_per_example or coldstart.tolerance, or use an external teacher")
-    random.Random(cfg.sft.seed).shuffle(pairs)
+    random.Random(cfg.run.seed).shuffle(pairs)
     n_val = max(1, len(pairs) // 10)
     sft_run = copy.deepcopy(cfg.run)
     sft_run.output_dir = str(root / "sft")
+    sft_run.eval_every = 0  # SFT validates at the end of each epoch (run.eval_every counts GRPO steps here)
     val_items = task.items("val")[: cfg.run.eval_examples] if cfg.run.eval_examples > 0 else None
     sft_dir = train_sft(cfg.model, cfg.sft, sft_run, pairs[n_val:], pairs[:n_val], sampling=cfg.sampling,
                         task=task, val_items=val_items, full_config=cfg)
@@ -66,7 +67,7 @@ def run_recone(cfg: ReconeConfig) -> Path:
     if (best / ADAPTERS_FILE).exists():  # LoRA: new adapters over the SFT adapters merged into the base
         start = root / "sft" / "merged"
         if distributed.setup().is_main and not start.exists():
-            write_merged(cfg.model, cfg.sft.seed, best, start)
+            write_merged(cfg.model, cfg.run.seed, best, start)
         distributed.setup().barrier()
         grpo_model.name_or_path, grpo_model.random_init = str(start), {}
     elif best.exists():

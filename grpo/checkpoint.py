@@ -170,3 +170,20 @@ def resume(ckpt: Path, policy, optimizer, scheduler, dist: Dist = Dist()) -> int
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return int(state["step"])
+
+
+def resume_run(setting: str, run_dir: Path, policy, optimizer, scheduler, log) -> int:
+    """`run.resume` (`latest` or a checkpoint folder; empty = a new run): restore weights, optimizer and
+    schedule, drop the metrics `log` (a grpo.runlog.RunLog) holds after the checkpoint, and return the step to
+    continue from; else 0."""
+    if not setting:
+        return 0
+    ckpt = find_latest_checkpoint(run_dir) if setting == "latest" else Path(setting)
+    if ckpt is None:
+        log.truncate_after(-1)  # killed before its first checkpoint: its metrics start over with it
+        log.print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+        return 0
+    step = resume(ckpt, policy, optimizer, scheduler, policy.dist)
+    log.truncate_after(step)
+    log.print(f"resumed from {ckpt} at step {step}")
+    return step

@@ -82,6 +82,10 @@ class SamplingConfig:
     """Completion length limit; a completion that reaches it is 'truncated'."""
     stop_strings: list[str] = field(default_factory=list)
     """Stop a completion once its text ends with one of these (e.g. '</rate>'), besides EOS."""
+    decoder: str = "fast"
+    """Which sampler loop: `reference` = grpo/sampler.py, the plain loop (Hugging Face forward and cache, one
+    token per row per step); `fast` = grpo/fast/, the same tokens and log-probs for less time (each prompt
+    prefilled once for its group, a preallocated cache, finished rows dropped, CUDA graphs)."""
     decode_weights: str = "auto"
     """What the sampler multiplies by when the model trains in fp32 under bf16 autocast (CUDA): `copy` = a
     bf16 copy of the weights, refreshed from the master weights before every generation (2 bytes a
@@ -95,6 +99,7 @@ class SamplingConfig:
               top_p=(0 < self.top_p <= 1, f"must be in (0, 1], got {self.top_p}"),
               top_k=(self.top_k >= 0, f"must be >= 0 (0 = off), got {self.top_k}"),
               max_new_tokens=(self.max_new_tokens >= 1, f"must be >= 1, got {self.max_new_tokens}"),
+              decoder=(self.decoder in ("reference", "fast"), f"must be reference or fast, got {self.decoder!r}"),
               decode_weights=(self.decode_weights in ("auto", "copy", "master"),
                               f"must be auto, copy or master, got {self.decode_weights!r}"))
 
@@ -138,9 +143,11 @@ class GRPOConfig:
     """Give truncated completions no loss (DAPO's overlong masking): a cut answer is no evidence."""
     kl_clamp: float = 10.0
     """Clamp log-ratios to +-this before exp in the KL estimator."""
-    share_prompt_forward: bool = True
-    """Run each prompt once per micro-batch in the update and share its keys/values (and their gradient)
-    with its completions: exact, and B*P + N*T tokens of work instead of N*(P + T)."""
+    logprobs: str = "fast"
+    """How the update scores completions (grpo/logprobs.py): `reference` = one forward over every row's
+    prompt and completion; `fast` = the same numbers, with padding columns trimmed and each prompt run once
+    per micro-batch, its keys/values (and their gradient) shared by its completions: B*P + N*T tokens of work
+    instead of N*(P + T)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk when computing log-probs from hidden states (bounds the logits' memory)."""
     max_nonfinite_steps: int = 3
@@ -169,6 +176,7 @@ class GRPOConfig:
               loss_agg=(self.loss_agg in LOSS_AGGREGATIONS, f"must be one of {', '.join(LOSS_AGGREGATIONS)}, "
                                                             f"got {self.loss_agg!r}"),
               kl_clamp=(self.kl_clamp > 0, f"must be > 0, got {self.kl_clamp}"),
+              logprobs=(self.logprobs in ("reference", "fast"), f"must be reference or fast, got {self.logprobs!r}"),
               logprob_chunk_tokens=(self.logprob_chunk_tokens >= 1, f"must be >= 1, got {self.logprob_chunk_tokens}"),
               max_nonfinite_steps=(self.max_nonfinite_steps >= 1, f"must be >= 1, got {self.max_nonfinite_steps}"))
 
@@ -182,7 +190,8 @@ class RunConfig:
     seed: int = 0
     """Seeds data order, sampling and initialisation."""
     eval_every: int = 0
-    """Evaluate on the validation prompts every this many steps (0 = only at the end)."""
+    """Evaluate on the validation prompts every this many steps (0 = only at the end; in SFT, at the end of
+    each epoch)."""
     eval_examples: int = 32
     """How many validation prompts each evaluation decodes greedily."""
     eval_batch_size: int = 16
@@ -192,7 +201,7 @@ class RunConfig:
     save_every: int = 0
     """Save a resumable checkpoint every this many steps (0 = only at the end)."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (older ones are deleted; the final one is always kept)."""
+    """How many step checkpoints to keep (older ones are deleted); 0 = keep all."""
     samples_every: int = 1
     """Write sample completions to samples.jsonl every this many steps."""
     samples_per_step: int = 4

@@ -155,8 +155,6 @@ def shard_model(model: torch.nn.Module, dist: Dist, compute_dtype: torch.dtype |
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    from grpo.policy import _completion_logprobs
-
     mesh = init_device_mesh(torch.device(dist.device).type, (dist.world_size,))
     options = {"mesh": mesh}
     if compute_dtype is not None and compute_dtype != torch.float32:
@@ -168,11 +166,26 @@ def shard_model(model: torch.nn.Module, dist: Dist, compute_dtype: torch.dtype |
         fully_shard(unit, **options)
         unit.set_gradient_divide_factor(1.0)  # sum, don't average: see the docstring
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    # The trainer scores completions through grpo.policy.completion_logprobs, not model.forward: registered
-    # as a forward method, it gathers the root's parameters (embeddings, norm, LM head) like forward would.
-    model.sharded_completion_logprobs = types.MethodType(_completion_logprobs, model)
-    register_fsdp_forward_method(model, "sharded_completion_logprobs")
+    # Completions are scored by grpo.logprobs, not model.forward: `call` runs a scorer as a registered forward
+    # method, which gathers the root's parameters (embeddings, norm, LM head) as forward would.
+    model.fsdp_call = types.MethodType(_apply, model)
+    register_fsdp_forward_method(model, "fsdp_call")
     return model
+
+
+def _apply(model, fn, *args, **kwargs):
+    return fn(model, *args, **kwargs)
+
+
+def call(fn, model, *args, **kwargs):
+    """fn(model, *args, **kwargs); for a model sharded by `shard_model`, inside FSDP's forward hooks, so the
+    parameters that live outside the decoder layers are gathered for it (and their gradients reduced)."""
+    if not hasattr(model, "fsdp_call"):
+        return fn(model, *args, **kwargs)
+    out = model.fsdp_call(fn, *args, **kwargs)
+    if not torch.is_grad_enabled():  # FSDP keeps the root gathered for a backward; none will come
+        model.reshard()
+    return out
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -236,6 +236,29 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str =
     return masked_sum(per_token_loss, mask) / (_at_least_one(total_seqs) * max_completion_len)  # ()
 
 
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              loss_mask: torch.Tensor, *, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, beta: float = 0.0,
+              kl_clamp: float = 10.0, loss_agg: str = "token_mean", total_tokens: float | None = None,
+              total_seqs: float | None = None, max_completion_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of some rows of a step, to be minimised: the clipped surrogate, plus beta times the KL to
+    the reference when `ref_logp` is given, reduced by `aggregate_loss` with the WHOLE step's counts, so the
+    losses of a step's micro-batches add up to the full-batch loss (trap 5).
+
+    logp (n, T) the current policy's log-probs (with gradient); old_logp (n, T) the sampling policy's (with
+    one update per rollout, mu = 1, that is logp.detach(): ratio 1, the plain policy gradient, trap 13);
+    ref_logp (n, T) or None; advantages (n,); loss_mask (n, T) the tokens that carry loss.
+    Returns (loss (), {"kl": the KL summed over kept tokens, "clipped": kept tokens whose ratio was clipped})."""
+    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps_low, clip_eps_high)  # (n, T) x2
+    kl_sum = 0.0
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp, clamp=kl_clamp)  # (n, T)
+        per_token = per_token + beta * kl  # (n, T)
+        kl_sum = float(masked_sum(kl.detach(), loss_mask))
+    loss = aggregate_loss(per_token, loss_mask, loss_agg, total_tokens=total_tokens, total_seqs=total_seqs,
+                          max_completion_len=max_completion_len)  # ()
+    return loss, {"kl": kl_sum, "clipped": float(masked_sum(clipped.float(), loss_mask))}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Completion masks
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,109 +1,149 @@
-"""Scoring completions: the one place that builds the model input `prompt ‖ completion` and turns the
-model's hidden states into per-token log-probs of the completion.
+"""The policy: the trainable model with what it takes to sample from it, its optional frozen reference,
+and its optimizer.
 
-Every forward pass that needs log-probs (the policy loss, old log-probs for mu > 1, the frozen reference,
-evaluation checks, tests) goes through `completion_logprobs`, so they cannot drift apart.
-
-Shapes: N rows, P prompt length (left-padded), T completion length (right-padded), H hidden, V vocab.
+`load_policy` loads the weights (fp32 master weights for training; bf16 compute comes from autocast on
+CUDA) and `prepare_training` adds, in order, gradient checkpointing, the KL reference, LoRA adapters and
+FSDP2 sharding. `Policy.decode_model` gives the sampler a plain bf16 copy of the weights where one pays.
 """
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
 
-from grpo.functional import logprobs_from_hidden
-from grpo.sampler import positions_from_mask
-
-
-def build_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Concatenate left-padded prompts and right-padded completions: (ids, attention mask, positions)."""
-    assert prompt_ids.shape == prompt_mask.shape and completion_ids.shape == completion_mask.shape
-    assert prompt_ids.shape[0] == completion_ids.shape[0]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
-    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P + T)
-    return input_ids, attention_mask, positions_from_mask(attention_mask)
+from grpo import distributed
+from grpo.config import ModelConfig
+from grpo.distributed import Dist
+from grpo.lora import add_lora
+from grpo.models import build_random_model, load_model, load_tokenizer, pick_device, pick_dtype
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                        temperature: float = 1.0, chunk_tokens: int = 1024,
-                        prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(completion token t | prompt, completion[:t]) at `temperature`: (N, T) float32 (see
-    `_completion_logprobs`). A model sharded by `grpo.distributed.shard_model` carries this function as a
-    method FSDP treats as its forward, so that the embeddings, final norm and LM head, which this function
-    uses outside the decoder layers, are gathered for it (and their gradients reduced)."""
-    sharded = getattr(model, "sharded_completion_logprobs", None)
-    if sharded is None:
-        return _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                    temperature=temperature, chunk_tokens=chunk_tokens, prompt_index=prompt_index)
-    logp = sharded(prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=temperature,
-                   chunk_tokens=chunk_tokens, prompt_index=prompt_index)
-    if not torch.is_grad_enabled():  # FSDP keeps the root gathered for a backward; none will come
-        model.reshard()
-    return logp
+@dataclass
+class Policy:
+    """The trainable model with everything needed to sample from it and score its completions."""
+    model: torch.nn.Module
+    tokenizer: object
+    eos_ids: list[int]
+    pad_id: int
+    autocast_dtype: torch.dtype | None  # bf16 compute over fp32 master weights on CUDA, None on CPU
+    decode_copy: torch.nn.Module | None = None  # the sampler's plain copy of the weights (see `decode_model`)
+    copy_required: bool = False  # sharded or LoRA models cannot be sampled from directly: always the copy
+    reference: torch.nn.Module | None = None  # the frozen KL reference (beta > 0, no LoRA)
+    dist: Dist = field(default_factory=Dist)
+    stale: bool = True  # the decode copy is older than the weights
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def weights_changed(self) -> None:
+        """Call after every update: the next generation refreshes the decode copy first."""
+        self.stale = True
+
+    def decode_model(self, decode_weights: str = "auto") -> tuple[torch.nn.Module, bool]:
+        """The model the sampler runs and whether to run it under autocast (SamplingConfig.decode_weights).
+        With fp32 master weights and bf16 autocast, a copy of the weights in bf16 lets the sampler replay its
+        decode step as a CUDA graph (autocast casts every weight at every step, outside any graph). A sharded
+        model (torchrun) or one with LoRA adapters is always sampled through its copy: the copy is a plain
+        Hugging Face model of the full, merged weights, so every rank samples alone, with the fast decoder.
+        The copy is refreshed from the weights, parameter by parameter, whenever they have changed."""
+        if not self.copy_required and (self.autocast_dtype is None or decode_weights == "master" or (
+                self.decode_copy is None and decode_weights == "auto" and not self._copy_fits())):
+            return self.model, True
+        if self.decode_copy is None:
+            self.decode_copy = plain_copy(self.model, self.autocast_dtype)
+        if self.stale:  # every rank gets here together: each parameter is an all-gather when sharded
+            with torch.no_grad():
+                targets = dict(self.decode_copy.named_parameters())
+                for name, value in distributed.full_parameters(self.model, next(iter(targets.values())).dtype):
+                    targets[name].copy_(value)
+            self.stale = False
+        return self.decode_copy, False
+
+    def _copy_fits(self) -> bool:
+        """`auto`: a CUDA model whose bf16 copy takes under half the free GPU memory."""
+        if self.device.type != "cuda":
+            return False
+        size = sum(p.numel() for p in self.model.parameters()) * torch.finfo(self.autocast_dtype).bits // 8
+        return size < 0.5 * torch.cuda.mem_get_info(self.device)[0]
 
 
-def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                         temperature: float = 1.0, chunk_tokens: int = 1024,
-                         prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(completion token t | prompt, completion[:t]) at `temperature`: (N, T) float32.
+def plain_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen copy of `model` with its parameters in `dtype` (buffers such as the rotary frequencies as they
+    are): deepcopy with every parameter already replaced by its cast version, so no second fp32 copy is made."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
-    The logits of the whole batch are never materialised: we run the transformer body, keep the hidden
-    states of the T positions that predict completion tokens, and project them through the LM head a
-    chunk of tokens at a time (docs/grpo.md trap 11). Masked positions hold garbage; callers mask them.
 
-    `prompt_index` (N,) says which rows share a prompt (GRPO's G completions of one prompt; rows of a
-    prompt must be consecutive). Then each distinct prompt is run through the model once and its keys and
-    values are shared by its rows, gradient included, instead of running the same prompt G times: the
-    same numbers (a test checks values and gradients), for B*P + N*T tokens of work instead of N*(P + T).
-    """
-    T = completion_ids.shape[1]
-    # Run only the columns some row uses: a micro-batch of short rows runs a short tensor. Exact: what is
-    # dropped is left padding of every prompt and right padding of every completion (positions come from
-    # the mask, and causality keeps right padding out of earlier tokens). The result is padded back to T.
-    first = int(prompt_mask.bool().any(0).long().argmax())  # the first column with a real prompt token
-    used = completion_mask.bool().any(0)  # (T,)
-    width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1  # completion columns in use
-    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]  # (N, P')
-    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]  # (N, T')
-    P = prompt_ids.shape[1]
-    body = model.get_decoder()  # the transformer without its LM head
-    if prompt_index is not None and not getattr(body, "gradient_checkpointing", False):
-        hidden = _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the generation config's (int or list) and the tokenizer's (trap 4)."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def load_policy(cfg: ModelConfig, seed: int = 0, for_training: bool = True, dist: Dist = Dist(),
+                with_reference: bool = False) -> Policy:
+    """Load (or, with `random_init`, build) the model. For training, weights stay fp32 (master weights:
+    updates of ~1e-6 relative size vanish in bf16) and bf16 compute comes from autocast on CUDA; then
+    `prepare_training` adds what the configuration asks for (reference, LoRA, sharding)."""
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path)
+    device = pick_device(cfg.device)
+    compute_dtype = pick_dtype(cfg.dtype, device)
+    weight_dtype = "float32" if for_training else cfg.dtype
+    if cfg.random_init:
+        specials = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                    "bos_token_id": tokenizer.bos_token_id}
+        model = build_random_model(cfg.random_init, vocab_size=len(tokenizer), seed=seed, dtype=weight_dtype,
+                                   device=str(device), special_ids=specials)
     else:
-        input_ids, attention_mask, position_ids = build_inputs(prompt_ids, prompt_mask, completion_ids,
-                                                               completion_mask)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # (N, P + T, H)
-        # The hidden state at position j predicts token j + 1 (trap 3): completion token t sits at P + t,
-        # so it is predicted from position P + t - 1.
-        hidden = hidden[:, P - 1:P + width - 1, :]  # (N, T', H)
-    head = model.get_output_embeddings()
-    logp = logprobs_from_hidden(hidden, head.weight, completion_ids, temperature=temperature,
-                                chunk_tokens=chunk_tokens, lm_head_bias=getattr(head, "bias", None))  # (N, T')
-    return F.pad(logp, (0, T - logp.shape[1]))  # (N, T): zeros in the trimmed columns
+        model = load_model(cfg.name_or_path, dtype=weight_dtype, device=str(device))
+    use_autocast = for_training and compute_dtype != torch.float32
+    policy = Policy(model=model, tokenizer=tokenizer, eos_ids=eos_token_ids(model, tokenizer),
+                    pad_id=tokenizer.pad_token_id, autocast_dtype=compute_dtype if use_autocast else None, dist=dist)
+    if for_training:
+        prepare_training(policy, cfg, dist, with_reference)
+    return policy
 
 
-def _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index):
-    """Hidden states (N, T, H) that predict the completion tokens, running each distinct prompt once."""
-    from transformers import DynamicCache
+def prepare_training(policy: Policy, cfg: ModelConfig, dist: Dist, with_reference: bool) -> None:
+    """In this order: gradient checkpointing; the KL reference (a frozen copy; with LoRA none is needed: the
+    reference is the model with its adapters off); LoRA adapters over bf16 base weights (CUDA); the decode
+    copy, taken before adapters or sharding change the model; FSDP2 sharding of model and reference."""
+    model, lora = policy.model, cfg.lora.rank > 0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if with_reference and not lora:
+        policy.reference = copy.deepcopy(model).requires_grad_(False).eval()
+    if lora and policy.autocast_dtype is not None:
+        model.to(policy.autocast_dtype)  # frozen: nothing to update, so no need for fp32 master weights
+    if lora or dist.enabled:
+        policy.decode_copy, policy.copy_required = plain_copy(model, policy.autocast_dtype), True
+    if lora:
+        add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+    if dist.enabled:
+        distributed.shard_model(model, dist, policy.autocast_dtype, cfg.cpu_offload)
+        if policy.reference is not None:
+            distributed.shard_model(policy.reference, dist, policy.autocast_dtype)
 
-    from grpo.sampler import cache_keyword
 
-    _, counts = torch.unique_consecutive(prompt_index, return_counts=True)  # (U,) rows per distinct prompt
-    first = torch.cumsum(counts, 0) - counts  # (U,) the first row of each prompt
-    P = prompt_ids.shape[1]
-    cache = DynamicCache(config=body.config)
-    kw = cache_keyword(body)
-    prompt_hidden = body(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
-                         position_ids=positions_from_mask(prompt_mask[first]), use_cache=True,
-                         **{kw: cache}).last_hidden_state  # (U, P, H)
-    for layer in cache.layers:  # each prompt's keys/values serve all its rows; autograd sums their gradients
-        layer.keys = layer.keys.repeat_interleave(counts, dim=0)  # (U, heads, P, d) -> (N, heads, P, d)
-        layer.values = layer.values.repeat_interleave(counts, dim=0)
-    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P + T)
-    position_ids = positions_from_mask(attention_mask)[:, P:]  # (N, T)
-    completion_hidden = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, **{kw: cache}).last_hidden_state  # (N, T, H)
-    # completion token 0 is predicted by the last prompt position; token t > 0 by completion position t - 1
-    last_prompt = prompt_hidden[:, -1:, :].repeat_interleave(counts, dim=0)  # (N, 1, H)
-    return torch.cat([last_prompt, completion_hidden[:, :-1, :]], dim=1)  # (N, T, H)
+def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, betas=(0.9, 0.999)):
+    """AdamW, and a schedule that warms up linearly over `warmup_steps` then stays constant."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    warmup = max(warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    return optimizer, scheduler

@@ -1,18 +1,15 @@
-"""The rollout sampler: batched autoregressive sampling with a KV cache, written out step by step.
+"""The rollout sampler, plain: batched autoregressive sampling with Hugging Face's forward and KV cache.
 
 Shapes: B prompts, G completions per prompt, N = B*G rows, P (left-padded) prompt length,
 T completion length (<= max_new_tokens), V vocabulary.
 
-Why not `model.generate`: we need, per completion, exactly what the GRPO loss needs (the mask that keeps
-the EOS token, whether it was truncated, the log-probs of the distribution that sampled), and we want each
-prompt's prefill computed once and shared by its G completions (`generate` repeats the prompt G times and
-prefills every copy). The loop is here; one decode step (the KV cache, the attention over it, the CUDA
-graph that replays it) is in grpo/decode.py. Prefill is Hugging Face's forward pass.
+Why not `model.generate`: we need, per completion, exactly what the GRPO loss needs: the mask that keeps
+the EOS token, whether the row was truncated, and the log-probs of the distribution that sampled it.
 
-Speed without changing the distribution: each prompt is prefilled once for its G rows; the host asks "has
-every row finished?" only every `sync_every` steps (stop strings are checked then too, over the steps since
-the last check); at those points rows that have finished are dropped from the decode batch once at most half
-of it is still running (`compact`); nothing else waits for the device.
+This is the reference a reader should follow first (`sampling.decoder: reference`). grpo/fast/ holds the
+decoder that training uses by default: the same loop with each prompt prefilled once for its G rows, a
+preallocated cache, finished rows dropped from the batch and (on CUDA) the decode step replayed as a graph;
+tests/test_sampler.py holds both to `generate`'s tokens and to a full forward's log-probs.
 
 Three details that silently break GRPO when wrong (docs/grpo.md, traps):
 - Left padding needs explicit position ids (cumsum of the attention mask - 1), or every padded prompt's
@@ -24,12 +21,21 @@ Three details that silently break GRPO when wrong (docs/grpo.md, traps):
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from grpo.decode import bucket_size, cache_keyword, make_decoder, positions_from_mask  # noqa: F401 (re-exported)
+
+def cache_keyword(model) -> str:
+    """transformers >= 5.2x calls the KV-cache argument `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch: 0 at each row's first real token (docs/grpo.md trap 2)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
 
 
 @dataclass
@@ -108,7 +114,7 @@ def draw_inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = No
     """One token per row from probs (n, V), by inverting the cumulative distribution with one uniform per row.
 
     The same distribution as torch.multinomial(probs, 1), for n random numbers instead of the n*V
-    exponentials multinomial draws (measured: 12% of a CPU decode step at V = 49k). The cumulative sum is
+    exponentials multinomial draws (a visible share of a CPU decode step: docs/performance.md). The cumulative sum is
     taken in float64 so the rounding of 150k small terms cannot shift a token's interval."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (n, V), accumulated and stored in float64
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)  # (n, 1)
@@ -136,228 +142,60 @@ class StopStrings:
         return hits
 
 
-class Scaffold:
-    """Structured decoding: the model writes the body of each section, the decoder writes the headings.
-
-    `sections` is a list of (opening, closing) strings, e.g. [("<a>", "</a>"), ("<b>", "</b>")]. The
-    prompt is expected to end with the first opening. A row's current section ends when the model writes
-    that section's closing string itself, or when its body reaches `budgets[i]` tokens; then the decoder
-    forces the rest: the closing string if the model did not write it, and the next section's opening. The
-    model's own text is never edited, only continued; `allowed` can restrict a section to some token ids
-    (e.g. the digits of a rating). After the last section the row stops (its closing
-    string is made a stop); EOS cannot be sampled before that. Forced tokens carry the model's log-probs like any other, so a rollout stays a
-    well-defined sample of the model *conditioned on the headings* (use it for data, not for GRPO).
-    """
-
-    def __init__(self, tokenizer, sections: list[tuple[str, str]], budgets: list[int], separator: str = "\n",
-                 allowed: list[list[int] | None] | None = None):
-        if len(sections) != len(budgets) or not sections:
-            raise ValueError("Scaffold needs one budget per section and at least one section")
-        if allowed is not None and len(allowed) != len(sections):
-            raise ValueError("Scaffold.allowed needs one entry (a token id list or None) per section")
-        self.allowed = list(allowed) if allowed is not None else [None] * len(sections)
-        self.tokenizer = tokenizer
-        self.sections = list(sections)
-        self.budgets = list(budgets)
-        self.separator = separator
-        self.tail_tokens = max(len(c) for _, c in sections) + 1
-        self.section: dict[int, int] = {}  # row -> index of the section being written
-        self.body_start: dict[int, int] = {}  # row -> step at which the current body began
-
-    def reset(self, rows: int) -> None:
-        self.section = {r: 0 for r in range(rows)}
-        self.body_start = {r: 0 for r in range(rows)}
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def __call__(self, completion_ids: torch.Tensor, active_rows: list[int], step: int) -> dict[int, list[int]]:
-        """Rows whose current section just ended -> the token ids to force next."""
-        forced = {}
-        sep = self.separator
-        for row in active_rows:
-            i, begin = self.section[row], self.body_start[row]
-            if i >= len(self.sections):
-                continue
-            start = max(begin, step + 1 - self.tail_tokens)
-            closing = self.sections[i][1]
-            wrote_close = closing in self.tokenizer.decode(completion_ids[row, start:step + 1].tolist())
-            if not wrote_close and step + 1 - begin < self.budgets[i]:
-                continue
-            text = "" if wrote_close else sep + closing
-            if i + 1 < len(self.sections):
-                text += sep + self.sections[i + 1][0] + sep
-            self.section[row] = i + 1
-            if text:
-                ids = self._encode(text)
-                forced[row] = ids
-                self.body_start[row] = step + 1 + len(ids)
-        return forced
-
-    def constrained_rows(self, rows: list[int]) -> dict[int, list[int]]:
-        """Rows (of `rows`) writing a section whose tokens are restricted -> the token ids they may draw."""
-        out = {}
-        for row in rows:
-            i = self.section[row]
-            if i < len(self.sections) and self.allowed[i] is not None:
-                out[row] = self.allowed[i]
-        return out
-
-    def finished(self, row: int) -> bool:
-        return self.section.get(row, 0) >= len(self.sections)
-
-
-
 @torch.no_grad()
-def sample(
-    model,
-    prompts: list[list[int]],
-    *,
-    group_size: int = 1,
-    max_new_tokens: int = 256,
-    eos_ids: list[int] | set[int],
-    pad_id: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-    stop: StopStrings | None = None,
-    sync_every: int = 1,
-    cache_impl: str = "static",
-    scaffold: Scaffold | None = None,
-    cuda_graphs: bool | None = None,
-    compact: bool = True,
-    decode_options: dict | None = None,
-) -> Rollout:
-    """Sample `group_size` completions for each prompt (token id lists). The model stays in eval mode.
+def sample(model, prompts: list[list[int]], *, group_size: int = 1, max_new_tokens: int = 256,
+           eos_ids: list[int] | set[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+           stop: StopStrings | None = None) -> Rollout:
+    """Sample `group_size` completions for each prompt (token id lists): every row its own copy of its prompt,
+    one token per row per step, until every row has stopped or `max_new_tokens`. An empty `eos_ids` never
+    stops on a token (every row runs to max_new_tokens or a stop string)."""
+    from transformers import DynamicCache
 
-    cache_impl: 'static' (preallocated, grpo/decode.py) or 'dynamic' (Hugging Face's growing cache, the
-    reference). cuda_graphs: None = replay the decode step as a CUDA graph where possible (CUDA, no autocast).
-    compact: drop finished rows from the decode batch (at sync points, never with a scaffold).
-    decode_options: passed to `grpo.decode.make_decoder`: split_cache, packed_weights (the CPU savings, on by
-    default in float32), grid_cache, stacked_weights, fused_ops (the CUDA savings; see grpo/decode.py for
-    where each is on by default); set one False to measure what it saves.
-    An empty `eos_ids` never stops on a token (every row runs to max_new_tokens or a stop string).
-    """
-    if temperature <= 0 and not greedy:
-        raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
-    if sync_every < 1:
-        raise ValueError("sync_every must be >= 1")
+    check_sampling(temperature, greedy)
     device = next(model.parameters()).device
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)  # (E,)
-    G = group_size
-
-    # ---- prefill: each distinct prompt once, its cache shared by its G rows --------------------------
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
-    B, P = prompt_ids.shape
-    N = B * G
-    decoder = make_decoder(model, cache_impl, P, max_new_tokens, cuda_graphs, **(decode_options or {}))
-    next_logits = decoder.prefill(prompt_ids, prompt_mask, G, max_new_tokens)  # (N, V)
-    prompt_ids = prompt_ids.repeat_interleave(G, dim=0)  # (N, P)
-    prompt_mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P)
-
-    # ---- decode: one token per row per step, into preallocated buffers ----------------------------------
-    # Outputs are indexed by row (N); the decode batch by slot (n <= N): slot_rows[s] is the row in slot s.
-    slot_rows = torch.arange(N, device=device)  # (n,)
-    position = prompt_mask.sum(-1)  # (n,) next position of each slot's row
-    completion_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, T)
-    logp = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
+    rows = [p for p in prompts for _ in range(group_size)]  # row n is prompt n // G
+    prompt_ids, prompt_mask = left_pad(rows, pad_id, device)  # (N, P), (N, P)
+    N = prompt_ids.shape[0]
+    cache = DynamicCache(config=model.config)  # grows by one position a step
+    kw = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
+    attention = prompt_mask  # (N, P + t): every row attends to its real prompt tokens and all it has written
+    position = prompt_mask.sum(-1)  # (N,) the position of each row's next token
+    logits = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions_from_mask(attention),
+                   **kw).logits[:, -1].float()  # (N, V) the next-token logits after each prompt
+    tokens, token_logps = [], []  # one (N,) tensor per step
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     length = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)  # (N,) tokens kept per row
-    can_compact = compact and scaffold is None and decoder.can_compact
-    # Stop strings need the text on the host: checked every step with a scaffold (it acts on the next
-    # token), else at the sync points, over every step since the last check.
-    stop_every = 1 if scaffold is not None else sync_every
-    stop_checked = 0  # steps [0, stop_checked) have been checked for stop strings
-    steps_done = 0
-    forced: dict[int, list[int]] = {}  # scaffold only: row -> token ids still to be written for it
-    if scaffold is not None:
-        scaffold.reset(N)
     for t in range(max_new_tokens):
-        # (n, V) float32. No copy where it already is (a CUDA graph's output buffer: every read below is queued
-        # before the next step's replay overwrites it); nothing below writes into it in place.
-        logits = next_logits.float()
-        if scaffold is not None:  # a scaffolded row ends with its last section, never with an early EOS
-            logits = logits.clone()  # edited in place
-            logits[:, eos] = float("-inf")
-            free = [r for r in (~finished).nonzero().flatten().tolist() if r not in forced]
-            for row, ids in scaffold.constrained_rows(free).items():  # e.g. a rating section: digits only
-                only = torch.full_like(logits[row], float("-inf"))
-                only[ids] = 0.0
-                logits[row] = logits[row] + only
-        if not greedy and temperature != 1.0:
+        if not greedy:
             logits = logits / temperature
-        logprobs = torch.log_softmax(logits, -1)  # (n, V) the distribution the trainer scores (greedy: T = 1)
-        if greedy:
-            token = logits.argmax(-1)  # (n,)
-        else:
-            allowed = filter_logits(logits, top_k, top_p)  # (n, V) which tokens may be drawn (the same tensor
-            token = draw(allowed, generator)  # (n,)           when neither top-k nor top-p is set)
-        token_logp = logprobs.gather(-1, token[:, None]).squeeze(-1)  # (n,)
-        if forced:  # scaffold (slots are rows): these rows take their next heading token instead of a sample
-            rows = list(forced)
-            ids = torch.tensor([forced[r].pop(0) for r in rows], device=device)
-            token[rows] = ids
-            token_logp[rows] = logprobs[rows].gather(-1, ids[:, None]).squeeze(-1)
-            forced = {r: q for r, q in forced.items() if q}
-        slot_done = finished[slot_rows]  # (n,)
-        token = token.masked_fill(slot_done, pad_id)  # finished rows emit pad
-        completion_ids[slot_rows, t] = token
-        logp[slot_rows, t] = token_logp.masked_fill(slot_done, 0.0)
-        steps_done = t + 1
-
-        newly_done = torch.zeros_like(finished)  # (N,)
-        newly_done[slot_rows] = ~slot_done & torch.isin(token, eos)  # stopped by an EOS token (kept in the mask)
-        last_step = t == max_new_tokens - 1
-        sync_now = last_step or (t + 1) % sync_every == 0
-        if stop is not None and (sync_now or (t + 1) % stop_every == 0):
-            # rows unfinished before this window; a row whose EOS came first keeps the earlier end (min below)
-            candidates = set((~finished).nonzero().flatten().tolist())
-            for s in range(stop_checked, t + 1):
-                hits = stop(completion_ids, sorted(candidates), s) if candidates else []
-                for row in hits:
-                    length[row] = min(int(length[row]), s + 1)
-                    newly_done[row] = True
-                candidates.difference_update(hits)
-            stop_checked = t + 1
-        if scaffold is not None:
-            active = (~finished & ~newly_done).nonzero().flatten().tolist()
-            for row, ids in scaffold(completion_ids, [r for r in active if r not in forced], t).items():
-                forced[row] = ids
-            done_rows = [r for r in active if scaffold.finished(r) and r not in forced]
-            if done_rows:
-                newly_done[done_rows] = True
-        length = length.masked_fill(newly_done & (length == max_new_tokens), t + 1)
-        finished = finished | newly_done
-        if last_step:
+        logprobs = torch.log_softmax(logits, -1)  # (N, V) the distribution the trainer scores (trap 1)
+        token = logits.argmax(-1) if greedy else draw(filter_logits(logits, top_k, top_p), generator)  # (N,)
+        token = token.masked_fill(finished, pad_id)  # finished rows emit pad
+        tokens.append(token)
+        token_logps.append(logprobs.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0))  # (N,)
+        done = ~finished & torch.isin(token, eos)  # (N,) stopped by an EOS token, which the mask keeps (trap 4)
+        if stop is not None:
+            written = torch.stack(tokens, 1)  # (N, t + 1)
+            done[stop(written, (~finished & ~done).nonzero().flatten().tolist(), t)] = True
+        length = length.masked_fill(done, t + 1)
+        finished = finished | done
+        if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        if sync_now:  # the only host synchronisation of a plain sampling step
-            still_running = ~finished[slot_rows]  # (n,)
-            active = int(still_running.sum())
-            if active == 0:
-                break
-            size = bucket_size(active, slot_rows.shape[0])
-            if can_compact and size < slot_rows.shape[0]:
-                # running slots first (stable), then finished ones as filler up to the bucket size
-                keep = torch.argsort((~still_running).to(torch.int8), stable=True)[:size]  # (m,)
-                decoder.compact(keep)
-                slot_rows, position, token = slot_rows[keep], position[keep], token[keep]
-
-        next_logits = decoder.step(token, position, t)  # (n, V) logits for step t + 1
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)  # (N, P + t + 1)
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position[:, None],
+                       **kw).logits[:, -1].float()  # (N, V) the cache now holds token t of every row
         position = position + 1
-    decoder.close()  # free the KV cache (and any CUDA graph) before anyone trains on this batch
-    del decoder, next_logits
-
-    T = steps_done
+    completion_ids = torch.stack(tokens, 1)  # (N, T)
+    T = completion_ids.shape[1]
     completion_mask = (torch.arange(T, device=device)[None, :] < length[:, None]).float()  # (N, T)
-    completion_ids = torch.where(completion_mask.bool(), completion_ids[:, :T], pad_id)  # (N, T) pad after the end
-    return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        truncated=~finished,
-        logp=logp[:, :T] * completion_mask,
-        group_size=G,
-    )
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                   completion_ids=torch.where(completion_mask.bool(), completion_ids, pad_id),
+                   completion_mask=completion_mask, truncated=~finished,
+                   logp=torch.stack(token_logps, 1) * completion_mask, group_size=group_size)
+
+
+def check_sampling(temperature: float, greedy: bool) -> None:
+    if temperature <= 0 and not greedy:
+        raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")

@@ -2,7 +2,7 @@
 
 The model is trained to reproduce target completions (e.g. a reasoning trace ending in `<rate>4</rate>`)
 by maximum likelihood: the loss is the negative mean log-probability of the completion tokens. Prompt tokens
-carry no loss by construction: `grpo.policy.completion_logprobs` (the same scorer the GRPO update uses)
+carry no loss by construction: `grpo.logprobs.completion_logprobs` (the same scorer the GRPO update uses)
 only returns log-probs of completion tokens, so the two trainers cannot disagree about what a token's
 log-prob is. One optimizer step of this file:
 
@@ -26,13 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo import distributed
+from grpo.batching import batch_indices
 from grpo.checkpoint import prune_checkpoints, save_checkpoint
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, check, save_config
-from grpo.policy import completion_logprobs
+from grpo.logprobs import completion_logprobs
+from grpo.policy import Policy, load_policy, make_optimizer
+from grpo.rollout import encode_prompts, evaluate
 from grpo.runlog import RunLog, RunRecord, claim_run_folder, write_json
 from grpo.sampler import left_pad
 from grpo.task import Task
-from grpo.train import Policy, batch_indices, encode_prompts, evaluate, load_policy, make_optimizer
 
 
 @dataclass
@@ -53,14 +55,10 @@ class SFTConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
-    eval_every: int = 0
-    """Validation every this many steps; 0 = at the end of each epoch."""
     patience: int = 0
     """Stop after this many evaluations in a row without a lower validation loss; 0 = never stop early."""
     max_completion_tokens: int = 1024
     """Longer targets are cut to this many tokens (and then get no EOS: a cut trace is not a finished one)."""
-    seed: int = 0
-    """Seeds the data order and (for random_init models) the initialisation."""
 
     def __post_init__(self):
         check("sft", epochs=(self.epochs >= 1, f"must be >= 1, got {self.epochs}"),
@@ -70,7 +68,6 @@ class SFTConfig:
               lr=(self.lr >= 0, f"must be >= 0, got {self.lr}"),
               warmup_steps=(self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}"),
               max_grad_norm=(self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}"),
-              eval_every=(self.eval_every >= 0, f"must be >= 0, got {self.eval_every}"),
               patience=(self.patience >= 0, f"must be >= 0, got {self.patience}"),
               max_completion_tokens=(self.max_completion_tokens >= 1, f"must be >= 1, got {self.max_completion_tokens}"))
 
@@ -134,7 +131,7 @@ def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_b
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start:start + micro_batch_size], policy.pad_id, policy.device)
         with policy.autocast():
-            logp = completion_logprobs(policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T) float32
+            logp = distributed.call(completion_logprobs, policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T)
         loss = sft_loss(logp, batch[3], total_tokens)
         loss.backward()  # gradients accumulate in .grad across micro-batches
         loss_sum += float(loss.detach())
@@ -151,7 +148,7 @@ def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int,
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], policy.pad_id, policy.device)
         with policy.autocast():
-            logp = completion_logprobs(policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T)
+            logp = distributed.call(completion_logprobs, policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T)
         nll += float(sft_loss(logp, batch[3], 1.0))  # a sum: denominator 1
         tokens += int(batch[3].sum())
     return nll / max(tokens, 1)
@@ -185,18 +182,18 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
                     run_dir / "config.yaml")
     record = RunRecord(run_dir) if dist.is_main else None  # run.json: the command line and the wall time
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    torch.manual_seed(run.seed)
+    random.seed(run.seed)
 
     # ---- model, data, optimizer ------------------------------------------------------------------------
-    policy = load_policy(model_cfg, seed=cfg.seed, dist=dist)
+    policy = load_policy(model_cfg, seed=run.seed, dist=dist)
     model = policy.model
     eos_id = policy.tokenizer.eos_token_id
     train_examples = encode_pairs(policy.tokenizer, train_pairs, eos_id, cfg.max_completion_tokens)
     val_examples = encode_pairs(policy.tokenizer, val_pairs, eos_id, cfg.max_completion_tokens)
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    eval_every = cfg.eval_every if cfg.eval_every > 0 else steps_per_epoch
+    eval_every = run.eval_every if run.eval_every > 0 else steps_per_epoch  # SFT: 0 = at each epoch's end
 
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps)
     sampling = sampling or SamplingConfig()
@@ -236,7 +233,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         t0 = time.perf_counter()
 
         # ---- 1. this step's pairs: positions of the endless, per-epoch shuffled stream --------------------
-        batch = [train_examples[i] for i in batch_indices(len(train_examples), cfg.batch_size, step - 1, cfg.seed)]
+        batch = [train_examples[i] for i in batch_indices(len(train_examples), cfg.batch_size, step - 1, run.seed)]
         tokens = sum(len(e.completion_ids) for e in batch)  # the whole step's, before taking this rank's share
         batch = batch[mine]
 

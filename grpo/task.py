@@ -1,5 +1,5 @@
 """The small interface through which the engine sees a task. The engine never inspects completion text:
-what a completion is worth is the task's business (README, "How the code is laid out": `grpo`
+what a completion is worth is the task's business (README, "Read the code in this order": `grpo`
 knows nothing of recommendation).
 
 An *item* is a dict with at least `id` and `prompt` (the full prompt text, chat template applied); the task

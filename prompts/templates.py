@@ -353,7 +353,7 @@ def _messages(example: Mapping[str, Any], tmpl: PromptTemplate, one_shot: bool |
     system = {"role": "system", "content": tmpl.system_prompt if system_prompt is None else system_prompt}
     if one_shot == "turn":
         # The demonstration as a finished earlier exchange: small chat models copy the format of their own
-        # previous turn far more reliably than a format shown inside the instruction (measured: README).
+        # previous turn far more reliably than a format shown inside the instruction (measured: docs/results.md).
         shot_inputs = _format_inputs(_SHOT_EXAMPLE, _full_view(_SHOT_EXAMPLE))
         return [system,
                 {"role": "user", "content": "\n\n".join([instruction, shot_inputs, tmpl.closing])},

@@ -49,21 +49,21 @@ def data_sample(folder: str) -> Path:
 
 
 class CharTokenizer:
-    """Enough of a tokenizer for `grpo.train.generate` on a tiny model: one id per character."""
+    """Enough of a tokenizer for `grpo.rollout.generate` on a tiny model: one id per character."""
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [2 + ord(c) % 120 for c in text]}
 
 
 def decode_weights_gaps(policy, settings: tuple[str, ...], device: str = "cpu", each=None) -> dict:
-    """For each `sampling.decode_weights` setting: sample 2 prompts x 3 through `grpo.train.generate` and return
+    """For each `sampling.decode_weights` setting: sample 2 prompts x 3 through `grpo.rollout.generate` and return
     the max abs gap between the sampler's log-probs and the autocast training forward on the same tokens.
     each(setting) runs after each generation (a check of what the sampler did)."""
     import torch
 
     from grpo.config import SamplingConfig
-    from grpo.policy import completion_logprobs
-    from grpo.train import generate
+    from grpo.logprobs import completion_logprobs
+    from grpo.rollout import generate
 
     gaps = {}
     for setting in settings:

@@ -73,7 +73,7 @@ def test_a_preset_builds_the_named_model_and_batches(preset, params, sample_rows
     """What a preset produces: the model it builds (a random one on the meta device: its shape, no memory), the
     sampler's prompts (rows = prompts x group size, 512-token prompts, 256 new tokens), the update's rollout and
     how its token budget splits that rollout into micro-batches."""
-    from grpo.train import plan_micro_batches
+    from grpo.batching import plan_micro_batches
 
     s = _settings("--preset", preset)
     if params is None:

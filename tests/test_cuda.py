@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from grpo.sampler import left_pad, sample
+from grpo.fast import sample
+from grpo.sampler import left_pad
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -22,7 +23,7 @@ def test_greedy_matches_hf_generate_on_cuda():
 
 
 def test_sampler_logprobs_match_training_forward_under_bf16_autocast():
-    from grpo.policy import completion_logprobs
+    from grpo.logprobs import completion_logprobs
 
     model = tiny_model().cuda()
     g = torch.Generator().manual_seed(1)
@@ -53,7 +54,7 @@ def test_smoke_training_run_on_cuda(tmp_path, data_dir, default_tokenizer):
     assert len(rows) == 3 and all(r["grad/norm"] == r["grad/norm"] for r in rows)
 
 
-# ---- the CUDA-graph decode path (grpo/decode.py) against the eager one and against HF ----------------------
+# ---- the CUDA-graph decode path (grpo/fast/decode.py) against the eager one and against HF ----------------------
 def _ragged(n_prompts=4, seed=0, vocab=128):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9, 4, 6, 11)[:n_prompts]]
@@ -62,7 +63,7 @@ def _ragged(n_prompts=4, seed=0, vocab=128):
 @pytest.fixture
 def captures(monkeypatch):
     """Records the batch size of every successful capture of the decode step."""
-    from grpo.decode import SlotDecoder
+    from grpo.fast.decode import SlotDecoder
 
     sizes = []
     original = SlotDecoder._capture
@@ -122,7 +123,7 @@ def test_graph_decode_drops_finished_rows_into_smaller_captured_batches(captures
 
 
 def test_graph_decode_logprobs_match_the_training_forward_in_bf16(captures):
-    from grpo.policy import completion_logprobs
+    from grpo.logprobs import completion_logprobs
 
     model = tiny_model().to("cuda", torch.bfloat16)
     r = sample(model, _ragged(4), group_size=4, max_new_tokens=16, eos_ids=[1], pad_id=0, sync_every=8,
@@ -134,13 +135,12 @@ def test_graph_decode_logprobs_match_the_training_forward_in_bf16(captures):
 
 
 def test_no_graphs_under_autocast_and_a_clean_fallback_when_capture_fails(monkeypatch):
-    import grpo.decode as decode
+    import grpo.fast.decode as decode
 
     model = tiny_model().cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert not decode.make_decoder(model, "static", 8, 8, None).uses_graphs
-    # a capture that fails: the call finishes eagerly with the same tokens, and later calls skip graphs
-    monkeypatch.setattr(decode, "_graphs_broken", False)
+    # a capture that fails: the call finishes eagerly with the same tokens
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("no graphs")))
     prompts = _ragged(4)
     with pytest.warns(UserWarning, match="CUDA graph capture"):
@@ -148,7 +148,6 @@ def test_no_graphs_under_autocast_and_a_clean_fallback_when_capture_fails(monkey
     eager = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[], pad_id=0, greedy=True,
                    cuda_graphs=False)
     assert torch.equal(broken.completion_ids, eager.completion_ids)
-    assert decode._graphs_broken
 
 
 def test_bench_runs_on_cuda(tmp_path):
@@ -178,7 +177,7 @@ def test_gumbel_max_draws_on_cuda_follow_the_exact_softmax():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decode_ops_match_the_model_modules_on_cuda(dtype):
-    from grpo.decode import _rms_norm, make_decoder
+    from grpo.fast.decode import _rms_norm, make_decoder
 
     model = tiny_model(initializer_range=0.5).to("cuda", dtype)
     decoder = make_decoder(model, "static", 8, 8, None)
@@ -194,7 +193,7 @@ def test_grid_cache_graphs_and_stacked_weights_give_the_full_slot_cache_logits(d
     """CUDA's defaults (stacked q/k/v and gate/up, fused elementwise ops, graph replay) with the grid cache against
     the full slot cache run eagerly with the modules' linears, step by step, through a compaction that drops a
     prompt and shuffles rows."""
-    from grpo.decode import SlotDecoder, make_decoder
+    from grpo.fast.decode import SlotDecoder, make_decoder
 
     model = tiny_model(initializer_range=0.3).to("cuda", dtype)
     default = make_decoder(model, "static", 8, 8, None)
@@ -233,7 +232,7 @@ def test_training_samples_from_a_bf16_copy_with_graphs(captures):
     the weights, so the decode step is captured as a graph, with log-probs as close to the autocast training
     forward as decoding under autocast itself."""
     from conftest import CharTokenizer, decode_weights_gaps
-    from grpo.train import Policy
+    from grpo.policy import Policy
 
     policy = Policy(model=tiny_model().cuda(), tokenizer=CharTokenizer(), eos_ids=[1], pad_id=0,
                     autocast_dtype=torch.bfloat16)
@@ -250,7 +249,7 @@ def test_training_samples_from_a_bf16_copy_with_graphs(captures):
 def test_split_cache_asked_for_on_cuda_runs_eagerly_and_matches_the_graph_path():
     """The split cache is a CPU default; asked for on a CUDA float32 model it turns graphs off, takes the explicit
     softmax (the flash-with-LSE kernel it merges with on the CPU is a CPU kernel) and gives the same tokens."""
-    from grpo.decode import make_decoder
+    from grpo.fast.decode import make_decoder
 
     model = tiny_model(initializer_range=0.5).cuda()
     decoder = make_decoder(model, "static", 8, 8, None, split_cache=True)

@@ -44,7 +44,7 @@ _calls = {"n": 0, "crash_at": None}
 def replayed_generate(policy, prompts, sampling, *, group_size=1, greedy=False, generator=None, scaffold=None):
     """G completions per prompt as a pure function of (prompt text, g): the same on any rank, any world size."""
     from grpo.sampler import Rollout, left_pad
-    from grpo.train import encode_prompts
+    from grpo.rollout import encode_prompts
 
     _calls["n"] += 1
     if _calls["crash_at"] is not None and _calls["n"] > _calls["crash_at"]:
@@ -100,7 +100,7 @@ def run_sft(tokenizer_dir, out) -> Path:
 
     model_cfg, _, _, run_cfg = configs(tokenizer_dir, out)
     train, val = sft_pairs()
-    return train_sft(model_cfg, SFTConfig(max_steps=3, batch_size=4, micro_batch_size=1, lr=1e-3, eval_every=2),
+    return train_sft(model_cfg, SFTConfig(max_steps=3, batch_size=4, micro_batch_size=1, lr=1e-3),
                      run_cfg, train, val)
 
 
@@ -132,7 +132,7 @@ def check_decode_copy(flag: Path, rank: int) -> None:
     unsharded twin, parameter by parameter."""
     from grpo.distributed import setup
     from grpo.models import build_random_model
-    from grpo.train import Policy, prepare_training
+    from grpo.policy import Policy, prepare_training
 
     full = build_random_model(TINY_QWEN2, vocab_size=48, seed=1, device="cpu", dtype="float32")
     sharded = build_random_model(TINY_QWEN2, vocab_size=48, seed=1, device="cpu", dtype="float32")

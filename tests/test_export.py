@@ -13,7 +13,7 @@ SEED = 3  # not 0: the exporter must rebuild the random base with the run's own 
 
 
 def base_model(tokenizer):
-    """The base exactly as grpo/train.py's load_policy builds a random_init model."""
+    """The base exactly as grpo/policy.py's load_policy builds a random_init model."""
     specials = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                 "bos_token_id": tokenizer.bos_token_id}
     return build_random_model(TINY_QWEN2, vocab_size=len(tokenizer), seed=SEED, dtype="float32", device="cpu",

@@ -8,7 +8,7 @@ import torch
 from grpo.config import LoRAConfig
 from grpo.lora import (LoRALinear, adapter_state_dict, adapters_disabled, add_lora, has_lora, load_adapters,
                        merge_weight, merged_state_dict, save_adapters)
-from grpo.policy import completion_logprobs
+from grpo.logprobs import completion_logprobs
 from tests.conftest import tiny_model
 
 TARGETS = LoRAConfig().targets

@@ -1,13 +1,14 @@
-"""Scoring completions and accumulating the GRPO gradient over micro-batches, on a tiny model."""
+"""Scoring completions (plain and fast, held equal) and accumulating the GRPO gradient over micro-batches
+(grpo/train.py phase 6), on a tiny model."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
 from grpo.config import GRPOConfig
-from grpo.policy import completion_logprobs
+from grpo.functional import grpo_loss
+from grpo.logprobs import completion_logprobs, completion_logprobs_fast
 from grpo.sampler import sample
-from grpo.train import accumulate_policy_gradients
 
 
 def _rollout(model, G=3):
@@ -15,6 +16,24 @@ def _rollout(model, G=3):
     prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (6, 2, 9)]
     return sample(model, prompts, group_size=G, max_new_tokens=10, eos_ids=[1, 2, 3], pad_id=1,
                   temperature=1.3, generator=torch.Generator().manual_seed(5))
+
+
+def accumulate(logprobs_of, micro_batches, advantages, mask, old_logp, ref_logp, cfg: GRPOConfig, max_len: int):
+    """Phase 6 of grpo/train.py for one pass (mu = 1 unless old_logp is given): backward every micro-batch's
+    loss, normalised by the whole batch's counts. Returns the summed loss, KL and clipped-token count."""
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    for rows in micro_batches:
+        logp = logprobs_of(rows)  # (n, T)
+        old = old_logp[rows] if old_logp is not None else logp.detach()
+        loss, stats = grpo_loss(logp, old, ref_logp[rows] if ref_logp is not None else None, advantages[rows],
+                                mask[rows], clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                                beta=cfg.beta, kl_clamp=cfg.kl_clamp, loss_agg=cfg.loss_agg,
+                                total_tokens=float(mask.sum()), total_seqs=float(mask.shape[0]),
+                                max_completion_len=max_len)
+        loss.backward()
+        sums = {"loss": sums["loss"] + float(loss.detach()), "kl": sums["kl"] + stats["kl"],
+                "clipped": sums["clipped"] + stats["clipped"]}
+    return sums
 
 
 def test_completion_logprobs_equal_minus_cross_entropy_of_the_full_logits():
@@ -50,10 +69,10 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(loss_agg, beta):
     def grads(micro: int):
         model.zero_grad(set_to_none=True)
         batches = [slice(i, i + micro) for i in range(0, N, micro)]
-        sums = accumulate_policy_gradients(
+        sums = accumulate(
             lambda rows: completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows],
                                              r.completion_ids[rows], r.completion_mask[rows]),
-            batches, advantages, r.completion_mask, old_logp, ref_logp, cfg, max_completion_len=10)
+            batches, advantages, r.completion_mask, old_logp, ref_logp, cfg, max_len=10)
         return [p.grad.clone() for p in model.parameters()], sums
 
     full, full_sums = grads(N)
@@ -65,31 +84,31 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(loss_agg, beta):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients():
+def test_the_fast_scorer_gives_the_plain_logprobs_and_gradients():
     model = tiny_model()
     r = _rollout(model, G=3)
     weights = torch.randn(r.completion_ids.shape, generator=torch.Generator().manual_seed(4)) * r.completion_mask
 
-    def run(rows, shared):
+    def run(rows, scorer, **kw):
         model.zero_grad(set_to_none=True)
-        logp = completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
-                                   r.completion_mask[rows], temperature=1.3,
-                                   prompt_index=r.prompt_index[rows] if shared else None)
+        logp = scorer(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                      r.completion_mask[rows], temperature=1.3, **kw)
         (logp * weights[rows]).sum().backward()
         return logp.detach(), [p.grad.clone() for p in model.parameters()]
 
     # whole batch, and a micro-batch that starts and ends in the middle of groups
     for rows in (slice(0, 9), slice(2, 7)):
-        base, base_grads = run(rows, shared=False)
-        shared, shared_grads = run(rows, shared=True)
-        m = r.completion_mask[rows].bool()
-        assert torch.allclose(base[m], shared[m], atol=1e-5)
-        for a, b in zip(base_grads, shared_grads):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        base, base_grads = run(rows, completion_logprobs)
+        for kw in ({}, {"prompt_index": r.prompt_index[rows]}):  # trimmed columns; and prompts shared too
+            fast, fast_grads = run(rows, completion_logprobs_fast, **kw)
+            m = r.completion_mask[rows].bool()
+            assert torch.allclose(base[m], fast[m], atol=1e-5)
+            for a, b in zip(base_grads, fast_grads):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_token_budget_micro_batches_pack_rows_by_their_real_length():
-    from grpo.train import plan_micro_batches
+    from grpo.batching import plan_micro_batches
 
     prompt_mask = torch.tensor([[0, 0, 1, 1]] * 3 + [[1, 1, 1, 1]] * 3)  # prompts of 2, 2, 2, 4, 4, 4 tokens
     completion_mask = torch.tensor([[1, 0, 0]] * 3 + [[1, 1, 1]] * 3).float()  # completions of 1 and 3 tokens
@@ -103,7 +122,7 @@ def test_token_budget_micro_batches_pack_rows_by_their_real_length():
 
 
 def test_token_budget_micro_batches_give_the_full_batch_gradient():
-    from grpo.train import plan_micro_batches
+    from grpo.batching import plan_micro_batches
 
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
@@ -118,10 +137,11 @@ def test_token_budget_micro_batches_give_the_full_batch_gradient():
 
     def grads(batches):
         model.zero_grad(set_to_none=True)
-        sums = accumulate_policy_gradients(
-            lambda rows: completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
-                                             r.completion_mask[rows], prompt_index=r.prompt_index[rows]),
-            batches, advantages, r.completion_mask, None, ref_logp, cfg, max_completion_len=10)
+        sums = accumulate(
+            lambda rows: completion_logprobs_fast(model, r.prompt_ids[rows], r.prompt_mask[rows],
+                                                  r.completion_ids[rows], r.completion_mask[rows],
+                                                  prompt_index=r.prompt_index[rows]),
+            batches, advantages, r.completion_mask, None, ref_logp, cfg, max_len=10)
         return [p.grad.clone() for p in model.parameters()], sums
 
     full, full_sums = grads([slice(0, N)])
@@ -134,7 +154,7 @@ def test_token_budget_micro_batches_give_the_full_batch_gradient():
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_completion_logprobs_trims_padding_without_changing_a_value():
+def test_the_fast_scorer_trims_padding_without_changing_a_value():
     model = tiny_model()
     r = _rollout(model)
     # widen the batch with columns no row uses: extra left padding and extra right padding
@@ -143,7 +163,7 @@ def test_completion_logprobs_trims_padding_without_changing_a_value():
     prompt_mask = torch.cat([torch.zeros(len(r.prompt_ids), 5, dtype=torch.long), r.prompt_mask], 1)
     completion_ids = torch.cat([r.completion_ids, torch.ones(len(r.prompt_ids), 4, dtype=torch.long)], 1)
     completion_mask = torch.cat([r.completion_mask, torch.zeros(len(r.prompt_ids), 4)], 1)
-    wide = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    wide = completion_logprobs_fast(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     narrow = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     assert wide.shape == (len(r.prompt_ids), T + 4) and (wide[:, T:] == 0).all()
     m = r.completion_mask.bool()
@@ -152,7 +172,7 @@ def test_completion_logprobs_trims_padding_without_changing_a_value():
 
 # ---- the sampler's bf16 copy of fp32 master weights (SamplingConfig.decode_weights) --------------------------
 def _autocast_policy(model):
-    from grpo.train import Policy
+    from grpo.policy import Policy
 
     from conftest import CharTokenizer
 

@@ -134,6 +134,30 @@ def test_download_with_wrong_sha256_leaves_nothing(tmp_path, monkeypatch):
     assert list(raw.iterdir()) == []
 
 
+def test_make_data_downloads_the_official_files_when_no_sample_is_found(tmp_path, monkeypatch):
+    # `make data` in a clone without ../shared/data: the Makefile's own command line, with the official URLs
+    # standing in as file:// URLs of the sample's files (same names, same format), fetched with a checked sha256.
+    d = sample("amazon-music-2014-sample")
+    recipe = next(line.strip() for line in (Path(__file__).resolve().parents[1] / "Makefile").read_text().splitlines()
+                  if "-m recdata.prepare" in line)
+    argv = recipe.split("-m recdata.prepare", 1)[1].split()
+    assert argv == ["--dataset", "amazon-music", "--download", "--out", "data/amazon-music"]
+    official = download.DATASETS["amazon-music"]
+    digest = hashlib.sha256((d / official.reviews.names[0]).read_bytes()).hexdigest()
+    monkeypatch.setitem(download.DATASETS, "amazon-music", dataclasses.replace(
+        official, reviews=dataclasses.replace(official.reviews, url=(d / official.reviews.names[0]).as_uri(),
+                                              sha256=digest),
+        meta=dataclasses.replace(official.meta, url=(d / official.meta.names[0]).as_uri())))
+    empty = tmp_path / "no-samples"
+    empty.mkdir()
+    monkeypatch.setenv("RECZERO_DATA_DIR", str(empty))
+    monkeypatch.chdir(tmp_path)
+    assert main(argv + ["--quiet"]) == 0
+    raw = tmp_path / "data" / "raw" / "amazon-music"
+    assert sorted(p.name for p in raw.iterdir()) == ["meta_Digital_Music.json.gz", "reviews_Digital_Music_5.json.gz"]
+    assert all((tmp_path / "data" / "amazon-music" / name).is_file() for name in OUTPUTS)
+
+
 def messy_reviews(tmp_path: Path) -> Path:
     rows = [{"reviewerID": f"U{k % 3}", "asin": f"A{k % 2}", "overall": 1.0 + k % 5,
              "unixReviewTime": 1_300_000_000 + 100 * k,

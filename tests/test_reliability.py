@@ -82,7 +82,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run_without_a_nan_checkpoi
 
 def test_weights_with_nan_are_never_checkpointed(tokenizer_dir, tmp_path):
     from grpo.checkpoint import save_checkpoint
-    from grpo.train import load_policy
+    from grpo.policy import load_policy
 
     policy = load_policy(ModelConfig(tokenizer=str(tokenizer_dir), random_init=dict(TINY_QWEN2), device="cpu"))
     with torch.no_grad():

@@ -1,13 +1,22 @@
-"""The sampler against Hugging Face: greedy tokens equal `generate`'s, log-probs equal a full forward."""
+"""Both samplers against Hugging Face: greedy tokens equal `generate`'s, log-probs equal a full forward. The
+plain loop (grpo/sampler.py) and the fast one (grpo/fast/, with either cache) pass the same tests; the fast
+decoder's own machinery (compaction, split cache, packed weights) is tested further down."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from grpo.sampler import Scaffold, StopStrings, filter_logits, left_pad, sample
+from grpo.fast import sample as fast_sample
+from grpo.sampler import StopStrings, filter_logits, left_pad
+from grpo.sampler import sample as reference_sample
+from grpo.scaffold import Scaffold, sample_scaffolded
 
 PAD = 0
 EOS = 1
+DECODERS = {"reference": reference_sample,
+            "fast-static": lambda *a, **kw: fast_sample(*a, cache_impl="static", **kw),
+            "fast-dynamic": lambda *a, **kw: fast_sample(*a, cache_impl="dynamic", **kw)}
+each_decoder = pytest.mark.parametrize("decoder", list(DECODERS))
 
 
 def ragged_prompts(vocab=128, seed=0):
@@ -32,15 +41,14 @@ def _stopping_tokens(free: torch.Tensor) -> tuple[tuple[int, int, int], tuple[in
     return early, late
 
 
-@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
-def test_greedy_matches_hf_generate_with_ragged_left_padding(cache_impl):
+@each_decoder
+def test_greedy_matches_hf_generate_with_ragged_left_padding(decoder):
     model = tiny_model(initializer_range=0.5)  # large weights: greedy rows wander instead of repeating a token
     prompts = ragged_prompts()
     T = 20
     ids, mask = left_pad(prompts, PAD)
     # Without EOS: every row runs to T, token for token as `generate`.
-    ours = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=PAD, greedy=True,
-                  cache_impl=cache_impl)
+    ours = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=PAD, greedy=True)
     free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False,
                           eos_token_id=None, pad_token_id=PAD, min_new_tokens=T)[:, ids.shape[1]:]
     assert torch.equal(ours.completion_ids, free)
@@ -48,8 +56,7 @@ def test_greedy_matches_hf_generate_with_ragged_left_padding(cache_impl):
     # stops each row at its first EOS and pads after it; so must we, with the same tokens, the same lengths.
     early, late = _stopping_tokens(free)
     eos = [early[2], late[2]]
-    ours = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=eos, pad_id=PAD, greedy=True,
-                  cache_impl=cache_impl)
+    ours = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=T, eos_ids=eos, pad_id=PAD, greedy=True)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=False,
                         eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:]
     hf_lengths = [next((t + 1 for t, tok in enumerate(row) if tok in eos), T) for row in hf.tolist()]
@@ -61,14 +68,13 @@ def test_greedy_matches_hf_generate_with_ragged_left_padding(cache_impl):
     assert torch.equal(ours.completion_ids, hf)  # up to and including each EOS, then PAD as `generate` pads
 
 
-@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
-def test_group_shares_prefill_and_greedy_rows_agree(cache_impl):
+@each_decoder
+def test_group_shares_prefill_and_greedy_rows_agree(decoder):
     model = tiny_model()
     prompts = ragged_prompts()
-    single = sample(model, prompts, group_size=1, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True,
-                    cache_impl=cache_impl)
-    grouped = sample(model, prompts, group_size=3, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True,
-                     cache_impl=cache_impl)
+    run = DECODERS[decoder]
+    single = run(model, prompts, group_size=1, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
+    grouped = run(model, prompts, group_size=3, max_new_tokens=10, eos_ids=[EOS], pad_id=PAD, greedy=True)
     assert grouped.completion_ids.shape[0] == 12
     for b in range(4):
         for g in range(3):
@@ -76,14 +82,14 @@ def test_group_shares_prefill_and_greedy_rows_agree(cache_impl):
         assert torch.equal(grouped.prompt_ids[b * 3], single.prompt_ids[b])
 
 
-@pytest.mark.parametrize("cache_impl", ["static", "dynamic"])
-def test_sampler_logprobs_match_a_full_forward_at_temperature(cache_impl):
+@each_decoder
+def test_sampler_logprobs_match_a_full_forward_at_temperature(decoder):
     model = tiny_model()
     prompts = ragged_prompts()
     temperature = 0.7
     gen = torch.Generator().manual_seed(3)
-    r = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
-               temperature=temperature, generator=gen, cache_impl=cache_impl)
+    r = DECODERS[decoder](model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
+               temperature=temperature, generator=gen)
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -96,17 +102,19 @@ def test_sampler_logprobs_match_a_full_forward_at_temperature(cache_impl):
     assert torch.allclose(r.logp[m], ref[m], atol=1e-4)
 
 
-def test_eos_is_kept_in_mask_and_rows_stop_independently_with_pad_equal_eos():
+@each_decoder
+def test_eos_is_kept_in_mask_and_rows_stop_independently_with_pad_equal_eos(decoder):
     # Trap 4. Two EOS ids the model really emits (found in a run without EOS), one of them also the pad id (as in
     # SmolLM2): one row ends early, one later, the others run to the end. The mask must come from where each row
     # stopped, so it keeps the EOS even though that EOS equals the padding after it.
     model = tiny_model(initializer_range=0.5)
     prompts = ragged_prompts()
     T = 15
-    free = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=0, greedy=True)
+    free = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=T, eos_ids=[], pad_id=0, greedy=True)
     early, late = _stopping_tokens(free.completion_ids)
     pad = early[2]
-    r = sample(model, prompts, group_size=1, max_new_tokens=T, eos_ids=[early[2], late[2]], pad_id=pad, greedy=True)
+    r = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=T, eos_ids=[early[2], late[2]], pad_id=pad,
+                          greedy=True)
     assert r.completion_ids.shape == (4, T)  # a row still running keeps the batch going
     lengths = [T] * 4
     lengths[early[1]], lengths[late[1]] = early[0] + 1, late[0] + 1
@@ -122,7 +130,8 @@ def test_eos_is_kept_in_mask_and_rows_stop_independently_with_pad_equal_eos():
     assert (r.logp * (1 - r.completion_mask)).abs().sum() == 0
 
 
-def test_stop_on_eos_with_forced_model():
+@each_decoder
+def test_stop_on_eos_with_forced_model(decoder):
     model = tiny_model()
     # an LM head whose only opinion is "EOS" (id 1): every row stops at its first token
     head = torch.nn.Linear(32, 128, bias=True)
@@ -131,10 +140,22 @@ def test_stop_on_eos_with_forced_model():
         head.bias.zero_()
         head.bias[EOS] = 50.0
     model.lm_head = head
-    r = sample(model, ragged_prompts(), group_size=2, max_new_tokens=10, eos_ids=[EOS], pad_id=EOS,
+    r = DECODERS[decoder](model, ragged_prompts(), group_size=2, max_new_tokens=10, eos_ids=[EOS], pad_id=EOS,
                temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert r.completion_ids.shape == (8, 1)
     assert r.completion_mask.sum() == 8 and not r.truncated.any()
+
+
+def test_the_two_decoders_draw_the_same_samples_while_no_row_has_stopped():
+    # The same generator and one uniform per row per step on the CPU: the fast decoder's prefill sharing, cache
+    # and packed weights change nothing a draw can see (without EOS no row is dropped, so the draws line up).
+    model = tiny_model()
+    runs = [DECODERS[name](model, ragged_prompts(), group_size=3, max_new_tokens=12, eos_ids=[], pad_id=PAD,
+                           temperature=1.0, generator=torch.Generator().manual_seed(7)) for name in DECODERS]
+    for other in runs[1:]:
+        assert torch.equal(runs[0].completion_ids, other.completion_ids)
+        assert torch.allclose(runs[0].logp, other.logp, atol=1e-5)
+    assert len(set(runs[0].completion_ids[:3].flatten().tolist())) > 3  # sampled, not one repeated token
 
 
 def test_top_k_and_top_p_filtering():
@@ -147,11 +168,12 @@ def test_top_k_and_top_p_filtering():
     assert (~torch.isinf(filter_logits(logits, top_p=0.5))).tolist() == [[True, False, False, False]]
 
 
-def test_sampling_is_seeded():
+@each_decoder
+def test_sampling_is_seeded(decoder):
     model = tiny_model()
-    a = sample(model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
+    a = DECODERS[decoder](model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
                generator=torch.Generator().manual_seed(11))
-    b = sample(model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
+    b = DECODERS[decoder](model, ragged_prompts(), group_size=2, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
                generator=torch.Generator().manual_seed(11))
     assert torch.equal(a.completion_ids, b.completion_ids)
 
@@ -169,13 +191,14 @@ def test_stop_strings_end_a_row_at_the_token_that_completes_them():
     assert stop(ids, [0], 3) == [0]  # "abcd"
 
 
-def test_sampler_stops_rows_on_a_stop_string():
+@each_decoder
+def test_sampler_stops_rows_on_a_stop_string(decoder):
     model = tiny_model(vocab_size=26)
     prompts = [[2, 3, 4], [5, 6]]
-    free = sample(model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True)
+    free = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True)
     text = _CharTokenizer().decode(free.completion_ids[0].tolist())
     target = text[3:5]  # a two-character string that the greedy completion of row 0 contains
-    stopped = sample(model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True,
+    stopped = DECODERS[decoder](model, prompts, group_size=1, max_new_tokens=12, eos_ids=[25], pad_id=0, greedy=True,
                      stop=StopStrings(_CharTokenizer(), [target]))
     n = int(stopped.completion_mask[0].sum())
     kept = _CharTokenizer().decode(stopped.completion_ids[0, :n].tolist())
@@ -202,11 +225,12 @@ def _texts(rollout):
 def test_scaffold_writes_headings_around_the_models_own_text():
     model = tiny_model(vocab_size=128)
     scaffold = Scaffold(_AsciiTokenizer(), [("<a>", "</a>"), ("<b>", "</b>")], budgets=[5, 3])
-    r = sample(model, [[60, 97, 62, 10], [60, 97, 62, 10, 120]], group_size=2, max_new_tokens=40, eos_ids=[EOS],
-               pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(3), scaffold=scaffold)
+    r = sample_scaffolded(model, [[60, 97, 62, 10], [60, 97, 62, 10, 120]], scaffold, group_size=2,
+                          max_new_tokens=40, eos_ids=[EOS],
+               pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(3))
     for row, text in enumerate(_texts(r)):
         # a random model writes neither closing tag, so every body is cut at its budget
-        body_a, rest = text[:5], text[5:]
+        rest = text[5:]  # after a 5-token body
         assert rest[:9] == "\n</a>\n<b>" and rest[9] == "\n"
         assert rest[13:] == "\n</b>", text
         assert not r.truncated[row]
@@ -226,8 +250,8 @@ def test_scaffold_lets_the_model_close_a_section_itself():
         head.bias[62] = 50.0
     model.lm_head = head
     scaffold = Scaffold(_AsciiTokenizer(), [("<x>", ">"), ("<y>", ">")], budgets=[10, 10])
-    r = sample(model, [[1, 2]], group_size=1, max_new_tokens=30, eos_ids=[EOS], pad_id=PAD, greedy=True,
-               scaffold=scaffold)
+    r = sample_scaffolded(model, [[1, 2]], scaffold, group_size=1, max_new_tokens=30, eos_ids=[EOS], pad_id=PAD,
+                          greedy=True)
     assert _texts(r) == [">\n<y>\n>"]  # closed by the model at once, opening forced, closed again: done
     assert not r.truncated[0]
 
@@ -237,8 +261,9 @@ def test_scaffold_restricts_a_section_to_allowed_tokens():
     digits = [ord(d) for d in "12345"]
     scaffold = Scaffold(_AsciiTokenizer(), [("<a>", "</a>"), ("<r>", "</r>")], budgets=[4, 1],
                         allowed=[None, digits])
-    r = sample(model, [[60, 97, 62, 10]] * 3, group_size=4, max_new_tokens=30, eos_ids=[EOS], pad_id=PAD,
-               temperature=1.0, generator=torch.Generator().manual_seed(5), scaffold=scaffold)
+    r = sample_scaffolded(model, [[60, 97, 62, 10]] * 3, scaffold, group_size=4, max_new_tokens=30,
+                          eos_ids=[EOS], pad_id=PAD,
+               temperature=1.0, generator=torch.Generator().manual_seed(5))
     ratings = set()
     for text in _texts(r):
         head, _, rest = text.partition("<r>\n")
@@ -247,14 +272,14 @@ def test_scaffold_restricts_a_section_to_allowed_tokens():
     assert len(ratings) > 1  # drawn from the model, not fixed
 
 
-# ---- the decode engines (grpo/decode.py): our slot cache against Hugging Face's paths -----------------------
+# ---- the decode engines (grpo/fast/decode.py): our slot cache against Hugging Face's paths -----------------------
 TINY_LLAMA = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=True)
 
 
 def test_the_static_path_uses_our_slot_decoder_for_llama_and_qwen2():
-    from grpo.decode import HFDecoder, SlotDecoder, make_decoder
+    from grpo.fast.decode import HFDecoder, SlotDecoder, make_decoder
 
     assert isinstance(make_decoder(tiny_model(), "static", 8, 8, None), SlotDecoder)
     assert isinstance(make_decoder(tiny_model(**TINY_LLAMA), "static", 8, 8, None), SlotDecoder)
@@ -267,7 +292,7 @@ def test_the_static_path_uses_our_slot_decoder_for_llama_and_qwen2():
 def test_slot_decoder_matches_hf_generate_on_a_llama_with_grouped_query_attention():
     model = tiny_model(**TINY_LLAMA)  # 6 query heads share 2 key/value heads (r = 3)
     prompts = ragged_prompts()
-    ours = sample(model, prompts, group_size=2, max_new_tokens=16, eos_ids=[], pad_id=PAD, greedy=True)
+    ours = fast_sample(model, prompts, group_size=2, max_new_tokens=16, eos_ids=[], pad_id=PAD, greedy=True)
     ids, mask = left_pad(prompts, PAD)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                         pad_token_id=PAD, eos_token_id=None, min_new_tokens=16)[:, ids.shape[1]:]
@@ -288,7 +313,7 @@ def _first_token_per_row_position(completions: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("sync_every", [1, 3])
 def test_dropping_finished_rows_changes_no_token(sync_every, monkeypatch):
-    from grpo.decode import SlotDecoder
+    from grpo.fast.decode import SlotDecoder
 
     sizes = []
     original = SlotDecoder.compact
@@ -296,11 +321,11 @@ def test_dropping_finished_rows_changes_no_token(sync_every, monkeypatch):
     model = tiny_model(initializer_range=0.5)  # large weights: greedy rows wander instead of repeating a token
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9, 4, 6, 11)]
-    free = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[], pad_id=PAD, greedy=True)
+    free = fast_sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[], pad_id=PAD, greedy=True)
     eos = _first_token_per_row_position(free.completion_ids)
-    kept = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
+    kept = fast_sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
                   sync_every=sync_every, compact=False)
-    dropped = sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
+    dropped = fast_sample(model, prompts, group_size=2, max_new_tokens=24, eos_ids=[eos], pad_id=PAD, greedy=True,
                      sync_every=sync_every, compact=True)
     lengths = kept.completion_lengths
     assert lengths.min() < lengths.max()  # rows really end at different steps
@@ -318,7 +343,7 @@ def test_logprobs_match_a_full_forward_after_rows_were_dropped():
     model = tiny_model()
     prompts = ragged_prompts()
     gen = torch.Generator().manual_seed(5)
-    r = sample(model, prompts, group_size=4, max_new_tokens=20, eos_ids=list(range(2, 40)), pad_id=PAD,
+    r = fast_sample(model, prompts, group_size=4, max_new_tokens=20, eos_ids=list(range(2, 40)), pad_id=PAD,
                temperature=0.8, generator=gen)  # many EOS ids: rows end early, at different steps
     assert r.completion_lengths.min() < r.completion_lengths.max()
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
@@ -334,12 +359,12 @@ def test_logprobs_match_a_full_forward_after_rows_were_dropped():
 def test_stop_strings_checked_every_few_steps_end_rows_where_checking_every_step_does():
     model = tiny_model(vocab_size=26)
     prompts = [[2, 3, 4], [5, 6], [7, 8, 9, 10]]
-    free = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True)
+    free = fast_sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True)
     text = _CharTokenizer().decode(free.completion_ids[0].tolist())
     stop = StopStrings(_CharTokenizer(), [text[4:6]])
-    every = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
+    every = fast_sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
                    stop=stop, sync_every=1)
-    later = sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
+    later = fast_sample(model, prompts, group_size=1, max_new_tokens=16, eos_ids=[25], pad_id=0, greedy=True,
                    stop=stop, sync_every=5)
     T = every.completion_ids.shape[1]
     assert torch.equal(later.completion_mask[:, :T], every.completion_mask)
@@ -349,12 +374,12 @@ def test_stop_strings_checked_every_few_steps_end_rows_where_checking_every_step
 
 
 def test_static_cache_under_cpu_bf16_autocast_tracks_the_training_forward():
-    from grpo.policy import completion_logprobs
+    from grpo.logprobs import completion_logprobs
 
     model = tiny_model()
     prompts = ragged_prompts()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r = sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
+        r = fast_sample(model, prompts, group_size=2, max_new_tokens=12, eos_ids=[EOS], pad_id=PAD,
                    generator=torch.Generator().manual_seed(0))
         ref = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     m = r.completion_mask.bool()
@@ -397,7 +422,7 @@ def _decode_steps(model, prompts, group_size, split, packed, steps=10, compact_a
     """Logits of `steps` decode steps (fixed tokens, so every configuration sees the same inputs), optionally
     dropping rows (`keep`, in the given order) after step `compact_at`. The full slot cache where split and
     options say nothing else (the grid cache, the default where split is off, needs grid_cache=None/True)."""
-    from grpo.decode import SlotDecoder
+    from grpo.fast.decode import SlotDecoder
 
     ids, mask = left_pad(prompts, PAD)
     options.setdefault("grid_cache", None if split else False)
@@ -420,7 +445,7 @@ def _decode_steps(model, prompts, group_size, split, packed, steps=10, compact_a
 
 @pytest.mark.parametrize("config", [{}, TINY_LLAMA], ids=["qwen2-with-qkv-bias", "llama"])
 def test_split_cache_and_packed_weights_give_the_full_slot_cache_logits(config):
-    from grpo.decode import packing_possible
+    from grpo.fast.decode import packing_possible
 
     model = tiny_model(initializer_range=0.3, **config)
     prompts = ragged_prompts()  # left padding: the prompt mask matters
@@ -435,12 +460,12 @@ def test_split_cache_and_packed_weights_give_the_full_slot_cache_logits(config):
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash-kernel-with-lse", "explicit-softmax"])
 def test_split_cache_after_dropping_every_row_of_a_prompt_and_shuffling_the_rest(flash, monkeypatch):
-    import grpo.decode
+    import grpo.fast.decode
 
-    if flash and grpo.decode._flash_lse is None:
+    if flash and grpo.fast.decode.flash_lse_kernel() is None:
         pytest.skip("this PyTorch has no CPU flash kernel returning log-sum-exps")
     if not flash:  # the path taken where the private kernel is missing
-        monkeypatch.setattr(grpo.decode, "_flash_lse", None)
+        monkeypatch.setattr(grpo.fast.decode, "flash_lse_kernel", lambda: None)
     model = tiny_model(initializer_range=0.3)
     prompts = ragged_prompts()  # 4 prompts x 3 rows = 12 rows; row r belongs to prompt r // 3
     keep = torch.tensor([11, 0, 4, 5, 2, 9, 10, 1])  # prompt 3 loses a row, prompt 1 keeps 2, prompt 2 is gone
@@ -498,7 +523,7 @@ def test_fused_ops_give_the_eager_logits_and_fall_back_when_compiling_fails(monk
     """FusedOps (torch.compile'd rotary, residual add + RMSNorm, SiLU * up: a CUDA-graph default) asked for on the
     CPU, where Inductor compiles C++: the same logits through a compaction; and without a compiler, a warning and
     the eager ops."""
-    from grpo.decode import FusedOps, SlotDecoder
+    from grpo.fast.decode import FusedOps, SlotDecoder
 
     model = tiny_model(initializer_range=0.3)
     prompts = ragged_prompts()
@@ -524,7 +549,7 @@ def test_fused_ops_give_the_eager_logits_and_fall_back_when_compiling_fails(monk
 
 
 def test_a_compiled_op_that_fails_turns_into_its_eager_function(monkeypatch):
-    from grpo.decode import _Compiled, _silu_mul
+    from grpo.fast.decode import _Compiled, _silu_mul
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no compiling needed to test the fallback
     op = _Compiled(_silu_mul)
@@ -541,7 +566,7 @@ def test_a_compiled_op_that_fails_turns_into_its_eager_function(monkeypatch):
 
 
 def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot_apply():
-    from grpo.decode import SlotDecoder, make_decoder, packing_possible
+    from grpo.fast.decode import SlotDecoder, make_decoder, packing_possible
 
     model = tiny_model()
     decoder = make_decoder(model, "static", 8, 8, None)
@@ -569,7 +594,7 @@ def test_cpu_savings_are_on_by_default_for_float32_and_refused_where_they_cannot
 def test_greedy_tokens_are_the_same_with_and_without_the_cpu_savings():
     model = tiny_model(initializer_range=0.5)
     prompts = ragged_prompts()
-    runs = [sample(model, prompts, group_size=3, max_new_tokens=20, eos_ids=[], pad_id=PAD, greedy=True,
+    runs = [fast_sample(model, prompts, group_size=3, max_new_tokens=20, eos_ids=[], pad_id=PAD, greedy=True,
                    decode_options=opts)
             for opts in ({"split_cache": False, "packed_weights": False}, {})]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)

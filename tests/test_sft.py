@@ -7,11 +7,11 @@ import torch
 
 from conftest import tiny_model
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, load_config
-from grpo.policy import completion_logprobs
+from grpo.logprobs import completion_logprobs
 from grpo.runlog import read_jsonl
 from grpo.sft import (SFTConfig, SFTExample, accumulate_sft_gradients, collate, encode_pairs, right_pad, sft_loss,
                       train_sft, validation_loss)
-from grpo.train import Policy
+from grpo.policy import Policy
 
 PAD = EOS = 1  # as in SmolLM2: the pad id is the EOS id, so masks must never come from the pad id
 
@@ -159,8 +159,8 @@ def _model_cfg() -> ModelConfig:
 def test_short_run_memorises_pairs_and_writes_its_files(tmp_path, default_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    cfg = SFTConfig(max_steps=60, batch_size=2, micro_batch_size=1, lr=5e-3, eval_every=20, seed=0)
-    run = RunConfig(output_dir=str(tmp_path / "sft"), eval_batch_size=4, plot=False)
+    cfg = SFTConfig(max_steps=60, batch_size=2, micro_batch_size=1, lr=5e-3)
+    run = RunConfig(output_dir=str(tmp_path / "sft"), eval_batch_size=4, plot=False, eval_every=20)
     pairs = PAIRS[:2]
     items = [{"id": i, "prompt": p, "target": c} for i, (p, c) in enumerate(pairs)]
     run_dir = train_sft(_model_cfg(), cfg, run, pairs, pairs, sampling=SamplingConfig(max_new_tokens=12),
@@ -189,8 +189,8 @@ def test_short_run_memorises_pairs_and_writes_its_files(tmp_path, default_tokeni
 
 
 def test_early_stopping_when_validation_loss_cannot_improve(tmp_path, default_tokenizer):
-    cfg = SFTConfig(max_steps=20, batch_size=2, micro_batch_size=2, lr=0.0, eval_every=1, patience=2)
-    run = RunConfig(output_dir=str(tmp_path / "sft"), plot=False)
+    cfg = SFTConfig(max_steps=20, batch_size=2, micro_batch_size=2, lr=0.0, patience=2)
+    run = RunConfig(output_dir=str(tmp_path / "sft"), plot=False, eval_every=1)
     run_dir = train_sft(_model_cfg(), cfg, run, PAIRS, PAIRS[:2])
 
     rows = read_jsonl(run_dir / "metrics.jsonl")

@@ -64,15 +64,20 @@ class LetterATask:
         return {"a_count": completion.count("a")}
 
 
-def test_grpo_learns_a_toy_task_with_a_character_tokenizer(tmp_path, one_thread):
+@pytest.mark.parametrize("paths", ["fast", "reference"])
+def test_grpo_learns_a_toy_task_with_a_character_tokenizer(tmp_path, one_thread, paths):
+    # `reference`: the plain sampler (grpo/sampler.py) and the plain scorer (grpo/logprobs.py) end to end
     run_dir = train(
         ModelConfig(tokenizer=write_char_tokenizer(tmp_path / "tokenizer"), random_init=dict(TINY_QWEN2),
                     device="cpu"),
-        SamplingConfig(max_new_tokens=8),
-        GRPOConfig(steps=STEPS, batch_prompts=4, group_size=8, lr=LR),
-        RunConfig(output_dir=str(tmp_path / "run"), eval_examples=0, eval_at_start=False, plot=False),
+        SamplingConfig(max_new_tokens=8, decoder=paths),
+        GRPOConfig(steps=STEPS, batch_prompts=4, group_size=8, lr=LR, logprobs=paths),
+        RunConfig(output_dir=str(tmp_path / "run"), eval_examples=8, eval_at_start=True, plot=False),
         LetterATask())
-    rewards = [row["reward/mean"] for row in read_jsonl(run_dir / "metrics.jsonl") if "reward/mean" in row]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rewards = [row["reward/mean"] for row in rows if "reward/mean" in row]
     assert len(rewards) == STEPS
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5  # a random model writes `a` ~1 time in 11
     assert last > 0.8 and last > first + 0.4, (first, last, rewards)
+    evals = {row["step"]: row["eval/share_a"] for row in rows if "eval/share_a" in row}
+    assert sorted(evals) == [0, STEPS] and evals[STEPS] > evals[0] + 0.4, evals  # greedy answers learnt it too

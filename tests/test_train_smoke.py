@@ -9,7 +9,8 @@ import yaml
 from experiments.config import load_experiment
 from experiments.task import RecTask
 from grpo.runlog import read_jsonl
-from grpo.train import load_policy, train
+from grpo.policy import load_policy
+from grpo.train import train
 
 REPO_CONFIGS = "experiments/configs"
 

@@ -5,8 +5,9 @@ Shapes: n rows in the decode batch (one per unfinished completion, padded to a b
 (prompt + max_new_tokens, rounded up), h key/value heads, r query heads per key/value head, d head size,
 H hidden size, V vocabulary.
 
-Two engines share one interface (`prefill`, `step`, `compact`); the sampler's loop (grpo/sampler.py) does
-not know which one it drives:
+Two engines share one interface (`prefill`, `step`, `compact`); the fast sampler's loop (grpo/fast/sampler.py;
+the plain loop it speeds up is grpo/sampler.py) does not know which one it drives. Both take their position ids
+(`positions_from_mask`) and the name of the forward's cache argument (`cache_keyword`) from grpo/sampler.py.
 
 - `SlotDecoder` keeps every layer's keys and values in (n, h, L, d) tensors allocated once. All rows write
   the token of step t into the same slot P + t (prompts are left-padded to P), so a step needs one slot
@@ -22,30 +23,33 @@ not know which one it drives:
   (r = 7 for Qwen2.5-7B: that copy alone costs more memory traffic than the weights). Rows can be
   dropped (`compact`) when enough of them have finished. On CUDA the step is captured once per batch
   size as a CUDA graph and replayed: one launch instead of ~15 per layer.
-  On CUDA, more savings (measured on an H200 with bench --variants, docs/bench/check4: inside a graph a step
-  is bound by its weight reads, its attention and its kernel count, a few microseconds per kernel however
-  small):
+  On CUDA, more savings (each measured on an H200 with `experiments.bench --variants`, figures in
+  docs/performance.md: inside a graph a step is bound by its weight reads, its attention and its kernel count,
+  a few microseconds per kernel however small):
   * grid cache: one (B, h, S, d) cache per prompt: its P prompt slots (rounded up to SLOT_ALIGN), then its
     G rows' own tokens step-major (slot P + t*G + g), with a (B, 1, G*r, S) mask that shows each query row
     the prompt and its own row's slots. The G*r queries of a prompt's rows attend in one SDPA call that reads
     each prompt key once for all G rows (1/G of what the full slot cache reads for the prompt part). Its
     kernel has fewer, larger blocks, so it is the default only where those fill half the GPU's SMs
-    (`_grid_fills_gpu`): on at the SmolLM2-135M shape with 32 prompts (+29% tokens/s), off at the
-    Qwen2.5-7B shape with 8 prompts (where it costs 10%).
+    (`_grid_fills_gpu`): on at the SmolLM2-135M shape with 32 prompts, where it is faster, off at the
+    Qwen2.5-7B shape with 8 prompts, where it is slower (docs/performance.md).
   * stacked weights: q/k/v and gate/up as one product each (a second copy of those weights while the
-    decoder lives, by default only where it fits STACK_FREE_FRACTION of the free memory): +11-15%.
+    decoder lives, by default only where it fits STACK_FREE_FRACTION of the free memory): fewer, larger
+    matmuls (docs/performance.md).
   * fused ops: the rotary embedding, each residual add with the RMSNorm after it, and SiLU * up as one
     torch.compile'd kernel each (`FusedOps`, checked against the eager ops, rounding as eager does), only
-    under graphs, where their host-side cost is paid once per capture: +13-15%.
-  On the CPU, in float32, more savings (measured there: a step is bound by the bytes it reads, weights then
-  cache, and, once those are lean, by the number of ops; ~110 -> ~70 ms a step for SmolLM2-135M at 8 rows):
+    under graphs, where their host-side cost is paid once per capture: fewer kernels a layer
+    (docs/performance.md).
+  On the CPU, in float32, more savings (a step there is bound by the bytes it reads, weights then cache, and,
+  once those are lean, by the number of ops; what each saving took off a SmolLM2-135M step: docs/performance.md):
   * split cache: the prompt's keys/values are stored once per distinct prompt (B, h, P, d), not once per
     row, and each row's own tokens in a (n, h, T, d) suffix; a step reads the shared prompt part once for
     all G rows of its prompt (their queries stacked as G*r query positions) and only the suffix slots
     written so far. The two partial attentions come from PyTorch's CPU flash kernel with their
-    log-sum-exps and are merged exactly (`torch.lerp` by sigmoid(lse_prompt - lse_own)); without that
-    private kernel, one explicit softmax over both parts. With G = 8 rows of a 512-token prompt this
-    reads ~1/8 of the cache that SDPA over (n, h, L, d) slots reads.
+    log-sum-exps and are merged exactly (`torch.lerp` by sigmoid(lse_prompt - lse_own)). That kernel is a
+    private op: `flash_lse_kernel()` looks it up and checks it against plain math the first time a split
+    cache is built, never at import; without it, one explicit softmax over both parts. With G = 8 rows of
+    a 512-token prompt this reads ~1/8 of the cache that SDPA over (n, h, L, d) slots reads.
   * packed weights: MKL's pre-packed GEMM (`torch.ops.mkl._mkl_linear`, what PyTorch's own compiler uses
     for frozen CPU linears) for the decode batch size, re-packed when the batch is compacted; q/k/v and
     gate/up stacked into one product each, and each RMSNorm's weight folded into the product it feeds.
@@ -53,8 +57,9 @@ not know which one it drives:
   * RMSNorm in 3-4 ops instead of ~10 (`vector_norm` and `hypot`), queries scaled inside the rotary tables, and
     the eager step under `torch.inference_mode` (no autograd bookkeeping per op).
   Supported: Llama-style decoders (Llama, Qwen2: RMSNorm, rotary, GQA, gated MLP, no sliding window).
-- `HFDecoder` calls the model's forward with a Hugging Face cache (`static` or `dynamic`): the reference
-  path, and the fallback for every other architecture.
+- `HFDecoder` calls the model's forward with a Hugging Face cache (`static` or `dynamic`): the fast loop's
+  fallback for every other architecture, and the bench's Hugging Face cached decode (the plain sampler,
+  `sampling.decoder: reference`, is grpo/sampler.py, not this).
 
 Every step computes exactly the next-token logits of a full forward pass over prompt + completion so far
 (tests/test_sampler.py and tests/test_cuda.py check tokens against `generate` and log-probs against the
@@ -62,7 +67,7 @@ training forward).
 """
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -70,21 +75,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from grpo.sampler import cache_keyword, positions_from_mask
+
 SLOT_ALIGN = 16  # cache length rounded up to this: aligned rows for the attention kernels' masks
 PACK_LIMIT_BYTES = 4 * 2**30  # CPU packed weights are a second copy of the linears: only for models up to this
 STACK_FREE_FRACTION = 0.25  # CUDA stacked (q|k|v), (gate|up) weights: by default only if the copy fits this share
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-_graphs_broken = False  # set after a capture fails in this process: later calls go straight to eager
-
-
-def cache_keyword(model) -> str:
-    """transformers >= 5.2x calls the KV-cache argument `cache`; earlier releases `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: 0 at each row's first real token (docs/grpo.md trap 2)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
 
 
 def _aligned(slots: int) -> int:
@@ -182,7 +178,7 @@ class HFDecoder:
         self.static = cache_impl == "static"
         if self.static:  # preallocated for prompt + max_new_tokens by transformers
             self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
-        else:  # grows by concatenation every step (measured: 61% of CPU decode time)
+        else:  # grows by concatenation every step (its cost: docs/performance.md)
             self.cache = DynamicCache(config=model.config)
         self.attn = None
 
@@ -218,10 +214,12 @@ class HFDecoder:
         self.cache = self.attn = None
 
 
-def _find_flash_lse():
+@functools.cache
+def flash_lse_kernel():
     """PyTorch's CPU flash-attention kernel, which returns the log-sum-exp of each query's scores with the output
     (`F.scaled_dot_product_attention` drops it): what merging two partial attentions needs. A private op, so it
-    is looked up and checked once against plain math; without it the split cache takes one explicit softmax."""
+    is looked up and checked against plain math the first time a split cache is built (never at import);
+    without it the split cache takes one explicit softmax."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None:
         return None
@@ -244,8 +242,6 @@ def _find_flash_lse():
         return None
     return flash_lse if ok else None
 
-
-_flash_lse = _find_flash_lse()
 
 
 def _gated_mlp(mlp) -> bool:
@@ -505,13 +501,14 @@ class SlotDecoder:
         self.P = prompt_len
         self.max_new = max_new_tokens
         self.L = _aligned(prompt_len + max_new_tokens)  # slots, rounded up
-        self.uses_graphs = cuda_graphs and not _graphs_broken
+        self.uses_graphs = cuda_graphs
         param = next(model.parameters())
         cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         # split cache: prompt keys/values once per prompt, each row's own tokens apart (None = on the CPU in fp32)
         # (it reads the slots written so far, a host-side length: asked for explicitly, it turns graphs off)
         self.split = cpu_fp32 and not self.uses_graphs if split_cache is None else bool(split_cache)
         self.uses_graphs = self.uses_graphs and not self.split
+        self.flash_lse = flash_lse_kernel() if self.split else None
         if self.split and param.dtype != torch.float32:
             raise ValueError("split_cache needs a float32 model (its scores are plain matmuls in the cache dtype)")
         if self.split and grid_cache:
@@ -666,10 +663,9 @@ class SlotDecoder:
         """Whether the grid cache's attention has enough independent blocks for this GPU. Its kernel gives each
         (prompt, key/value head) and 64 of its G*r query positions one block, against one per (row, head) for
         the full slot cache: reading 1/G of the prompt part is a loss when the blocks leave most of the GPU idle.
-        Measured on an H200 (132 SMs, docs/bench/check3-4): 32 x 3 = 96 blocks (SmolLM2-135M shape, 32 prompts
-        of 8 rows): attention 1.3 ms a step against 2.4 for the full slot cache, the sampler 79,064 against
-        61,149 tokens/s; 8 x 4 = 32 blocks (Qwen2.5-7B shape, 8 prompts): attention 1.7 against 1.2 ms, the
-        sampler 8,477 against 9,470 tokens/s. Rule: at least half as many blocks as SMs. Off CUDA: always."""
+        On an H200 (132 SMs) it won with 96 blocks (SmolLM2-135M shape, 32 prompts of 8 rows) and lost with 32
+        (Qwen2.5-7B shape, 8 prompts): docs/performance.md. Rule: at least half as many blocks as SMs. Off CUDA:
+        always."""
         device = self.body.embed_tokens.weight.device
         if device.type != "cuda":
             return True
@@ -759,10 +755,10 @@ class SlotDecoder:
         values[:, :, t] = v[:, :, 0]
         keys, values = keys[:, :, :t + 1], values[:, :, :t + 1]  # (n, h, t + 1, d): only the slots written
         r = q.shape[2]
-        if _flash_lse is not None and q.device.type == "cpu":  # each part by PyTorch's CPU flash kernel, merged by their log-sum-exps
-            grid_out, grid_lse = _flash_lse(self._to_grid(q), self.prefix_keys[layer], self.prefix_values[layer],
+        if self.flash_lse is not None and q.device.type == "cpu":  # each part by PyTorch's CPU flash kernel, merged by their log-sum-exps
+            grid_out, grid_lse = self.flash_lse(self._to_grid(q), self.prefix_keys[layer], self.prefix_values[layer],
                                             attn_mask=self.grid_mask, scale=scale)  # (B, h, G*r, d), (B, h, G*r)
-            own_out, own_lse = _flash_lse(q, keys, values, scale=scale)  # (n, h, r, d), (n, h, r)
+            own_out, own_lse = self.flash_lse(q, keys, values, scale=scale)  # (n, h, r, d), (n, h, r)
             prompt_out, prompt_lse = self._from_grid(grid_out, r), self._from_grid(grid_lse[..., None], r)
             # softmax over both parts = the two partial softmaxes weighted by e^lse / (e^lse_prompt + e^lse_own)
             return torch.lerp(own_out, prompt_out, torch.sigmoid(prompt_lse - own_lse[..., None]))
@@ -915,7 +911,6 @@ class SlotDecoder:
     def _capture(self) -> bool:
         """Capture `forward` on the static buffers. The warm-up runs write this step's keys/values into
         the same slot as the replay will (same inputs), so they change nothing."""
-        global _graphs_broken
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -927,8 +922,7 @@ class SlotDecoder:
                 output = self.forward(*self._inputs)
         except Exception as err:  # a clean fallback: the same step, launched eagerly
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); "
-                          "decoding eagerly from now on")
-            _graphs_broken = True
+                          "this decoder runs eagerly")
             self.uses_graphs = False
             self._graph = self._inputs = self._output = None
             return False
