@@ -187,11 +187,17 @@ def sample(model, prompts: list[list[int]], *, group_size: int = 1, max_new_toke
         logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position[:, None],
                        **kw).logits[:, -1].float()  # (N, V) the cache now holds token t of every row
         position = position + 1
+    return make_rollout(prompt_ids, prompt_mask, tokens, token_logps, length, finished, pad_id, group_size)
+
+
+def make_rollout(prompt_ids, prompt_mask, tokens: list[torch.Tensor], token_logps: list[torch.Tensor],
+                 length: torch.Tensor, finished: torch.Tensor, pad_id: int, group_size: int) -> Rollout:
+    """The Rollout of a step-by-step loop: its per-step (N,) tokens and log-probs, and each row's kept length."""
     completion_ids = torch.stack(tokens, 1)  # (N, T)
     T = completion_ids.shape[1]
-    completion_mask = (torch.arange(T, device=device)[None, :] < length[:, None]).float()  # (N, T)
+    completion_mask = (torch.arange(T, device=length.device)[None, :] < length[:, None]).float()  # (N, T)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                   completion_ids=torch.where(completion_mask.bool(), completion_ids, pad_id),
+                   completion_ids=torch.where(completion_mask.bool(), completion_ids, pad_id),  # pad after the end
                    completion_mask=completion_mask, truncated=~finished,
                    logp=torch.stack(token_logps, 1) * completion_mask, group_size=group_size)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from grpo.sampler import Rollout, StopStrings, cache_keyword, check_sampling, draw, left_pad, positions_from_mask
+from grpo.sampler import (Rollout, StopStrings, cache_keyword, check_sampling, draw, left_pad, make_rollout,
+                          positions_from_mask)
 
 
 class Scaffold:
@@ -140,9 +141,4 @@ def sample_scaffolded(model, prompts: list[list[int]], scaffold: Scaffold, *, gr
         logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position[:, None],
                        **kw).logits[:, -1].float()  # (N, V)
         position = position + 1
-    completion_ids = torch.stack(tokens, 1)  # (N, T)
-    completion_mask = (torch.arange(completion_ids.shape[1], device=device)[None, :] < length[:, None]).float()
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                   completion_ids=torch.where(completion_mask.bool(), completion_ids, pad_id),
-                   completion_mask=completion_mask, truncated=~finished,
-                   logp=torch.stack(token_logps, 1) * completion_mask, group_size=group_size)
+    return make_rollout(prompt_ids, prompt_mask, tokens, token_logps, length, finished, pad_id, group_size)
