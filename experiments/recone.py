@@ -35,7 +35,11 @@ def run_recone(cfg: ReconeConfig) -> Path:
     cfg = copy.deepcopy(cfg)
     if not cfg.coldstart.out or cfg.coldstart.out == "runs/recone/coldstart.jsonl":
         cfg.coldstart.out = str(root / "coldstart.jsonl")
-    if distributed.setup().enabled:  # under torchrun the traces must exist: one writer, not one per rank
+    dist = distributed.setup()
+    if dist.enabled and cfg.coldstart.teacher == "rules":  # cheap and model-free: rank 0 writes, the others wait
+        traces, stats = (write_traces(cfg) if dist.is_main else (Path(cfg.coldstart.out), {"written_by": "rank 0"}))
+        dist.barrier()
+    elif dist.enabled:  # a model or a network writes them: one writer, not one per rank, and before torchrun
         traces, stats = Path(cfg.coldstart.out), {"reused": True}
         if not traces.exists():
             raise SystemExit(f"under torchrun, write the cold-start traces first, in one process: python -m "
