@@ -119,6 +119,25 @@ probably like it without being thrilled.
 </match>
 <rate> 4 </rate>"""
 
+# The same format, written the way experiments/rule_teacher.py writes traces: every statement is read off the
+# demonstration's own inputs (`_SHOT_EXAMPLE`: its titles, ratings, averages and review words), so a model that
+# imitates it learns to quote its prompt, where `_TBR_ONE_SHOT` (which does not describe its inputs) shows
+# text about nobody in particular.
+_TBR_GROUNDED_ONE_SHOT = """<analyze user>
+The user rated 2 items, 4.5 stars on average: a generous rater. They liked "Example Album B" (5 stars, \
+"Loved it", for its guitar work) and "Example Album A" (4 stars, "Solid songs", but "a little long"), both Rock.
+</analyze user>
+<analyze item>
+Item: "Example Product" (Rock), a rock album with long guitar solos; its 1 earlier reviewer gave it 4 stars. \
+[pos] Rock, like both albums the user liked [pos] "Strong guitars", which the user praised [neg] "a bit heavy", \
+and long, which the user held against "Example Album A"
+</analyze item>
+<match>
+The item offers the guitar rock this user rates 4-5 stars, with the length they marked down once. User average \
+4.5 and item average 4: about 4 stars.
+</match>
+<rate> 4 </rate>"""
+
 _ANSWER_ONLY_INSTRUCTION = _TASK + """
 
 Answer with the rating only, exactly once, inside the rating tags:
@@ -157,6 +176,14 @@ TEMPLATES: dict[str, PromptTemplate] = {
         system_prompt=_SYSTEM_REASONING,
         instruction=_TBR_INSTRUCTION,
         one_shot_answer=_TBR_ONE_SHOT,
+        closing="Now write your answer: the four tagged steps in order, ending with the rating block.",
+    ),
+    "tbr_grounded": PromptTemplate(
+        name="tbr_grounded",
+        sections=("analyze user", "analyze item", "match", "rate"),
+        system_prompt=_SYSTEM_REASONING,
+        instruction=_TBR_INSTRUCTION,
+        one_shot_answer=_TBR_GROUNDED_ONE_SHOT,
         closing="Now write your answer: the four tagged steps in order, ending with the rating block.",
     ),
     "answer_only": PromptTemplate(

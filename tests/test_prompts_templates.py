@@ -370,3 +370,21 @@ def test_budget_with_real_tokenizer(smollm2_tokenizer):
 def test_prompts_does_not_import_torch():
     code = "import sys, prompts; assert 'torch' not in sys.modules, 'prompts imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_grounded_demonstration_quotes_only_its_own_inputs():
+    # tbr_grounded's worked answer is about the demonstration's inputs: every quoted phrase is a title or review
+    # words of `_SHOT_EXAMPLE`, and its numbers are that example's count, averages and ratings.
+    import re
+
+    from prompts.templates import _SHOT_EXAMPLE, TEMPLATES
+
+    answer = TEMPLATES["tbr_grounded"].one_shot_answer
+    history, item, reviews = _SHOT_EXAMPLE["user_history"], _SHOT_EXAMPLE["item"], _SHOT_EXAMPLE["item_history"]
+    inputs = " ".join([*(f"{e['title']} {e['summary']} {e['text']}" for e in history), item["title"],
+                       item["description"], *(f"{r['summary']} {r['text']}" for r in reviews)])
+    quoted = re.findall(r'"([^"]+)"', answer)
+    assert len(quoted) >= 6 and all(q in inputs for q in quoted), [q for q in quoted if q not in inputs]
+    assert f"rated {len(history)} items, {_SHOT_EXAMPLE['user_avg_rating']} stars on average" in answer
+    assert f"its {len(reviews)} earlier reviewer gave it {reviews[0]['rating']} stars" in answer
+    assert TEMPLATES["tbr_grounded"].instruction == TEMPLATES["tbr"].instruction  # only the demonstration differs
