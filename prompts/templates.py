@@ -30,6 +30,8 @@ never in the instruction or format text:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
@@ -178,14 +180,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
         one_shot_answer=_TBR_ONE_SHOT,
         closing="Now write your answer: the four tagged steps in order, ending with the rating block.",
     ),
-    "tbr_grounded": PromptTemplate(
-        name="tbr_grounded",
-        sections=("analyze user", "analyze item", "match", "rate"),
-        system_prompt=_SYSTEM_REASONING,
-        instruction=_TBR_INSTRUCTION,
-        one_shot_answer=_TBR_GROUNDED_ONE_SHOT,
-        closing="Now write your answer: the four tagged steps in order, ending with the rating block.",
-    ),
     "answer_only": PromptTemplate(
         name="answer_only",
         sections=("rate",),
@@ -203,6 +197,9 @@ TEMPLATES: dict[str, PromptTemplate] = {
         closing="Now write your answer: the thinking block, then the rating block.",
     ),
 }
+
+TEMPLATES["tbr_grounded"] = dataclasses.replace(TEMPLATES["tbr"], name="tbr_grounded",
+                                               one_shot_answer=_TBR_GROUNDED_ONE_SHOT)
 
 # Frames the one-shot answer so that a small model reads it as a format demonstration, not as this item's answer.
 _ONE_SHOT_HEADER = ("Here is an example that only shows the answer FORMAT. It is about an invented user and "
