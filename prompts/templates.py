@@ -30,8 +30,6 @@ never in the instruction or format text:
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
@@ -198,8 +196,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
     ),
 }
 
-TEMPLATES["tbr_grounded"] = dataclasses.replace(TEMPLATES["tbr"], name="tbr_grounded",
-                                               one_shot_answer=_TBR_GROUNDED_ONE_SHOT)
+TEMPLATES["tbr_grounded"] = replace(TEMPLATES["tbr"], name="tbr_grounded", one_shot_answer=_TBR_GROUNDED_ONE_SHOT)
 
 # Frames the one-shot answer so that a small model reads it as a format demonstration, not as this item's answer.
 _ONE_SHOT_HEADER = ("Here is an example that only shows the answer FORMAT. It is about an invented user and "
