@@ -4,7 +4,8 @@
 
 Stage folders under `run.output_dir` (default runs/<run.name>): `coldstart.jsonl` (reused and resumed if
 present), `sft/` (its best checkpoint by validation loss starts the next stage), `grpo/`; `stages.json`
-links them. The GRPO stage is exactly RecZero's loop, only starting from the SFT weights.
+links them. The GRPO stage is exactly RecZero's loop, only starting from the SFT weights. With
+`run.resume=latest` a finished SFT stage is kept and GRPO continues from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from experiments.task import RecTask
 from grpo import distributed
 from grpo.lora import ADAPTERS_FILE
 from grpo.models import load_tokenizer
-from grpo.runlog import write_json
+from grpo.runlog import run_finished, write_json
 from grpo.sft import train_sft
 from grpo.train import train
 
@@ -61,8 +62,13 @@ def run_recone(cfg: ReconeConfig) -> Path:
     sft_run.output_dir = str(root / "sft")
     sft_run.eval_every = 0  # SFT validates at the end of each epoch (run.eval_every counts GRPO steps here)
     val_items = task.items("val")[: cfg.run.eval_examples] if cfg.run.eval_examples > 0 else None
-    sft_dir = train_sft(cfg.model, cfg.sft, sft_run, pairs[n_val:], pairs[:n_val], sampling=cfg.sampling,
-                        task=task, val_items=val_items, full_config=cfg)
+    sft_dir = root / "sft"
+    if cfg.run.resume and run_finished(sft_dir):  # a resumed RecOne keeps its finished SFT stage
+        print(f"run.resume: the SFT stage in {sft_dir} has finished; continuing with GRPO")
+    else:  # SFT is short and has no checkpoint to resume from: an unfinished one starts over
+        sft_run.resume, sft_run.overwrite = "", sft_run.overwrite or bool(cfg.run.resume)
+        sft_dir = train_sft(cfg.model, cfg.sft, sft_run, pairs[n_val:], pairs[:n_val], sampling=cfg.sampling,
+                            task=task, val_items=val_items, full_config=cfg)
     best = sft_dir / "checkpoints" / "best"
     stages["sft"] = {"run": str(sft_dir), "checkpoint": str(best if best.exists() else ""), "pairs": len(pairs)}
 

@@ -239,5 +239,14 @@ class RunRecord:
                                "sessions": self.sessions})
 
 
+def run_finished(run_dir: Path) -> bool:
+    """Whether `run_dir/run.json` says its run ended (`RunRecord.finish`)."""
+    path = Path(run_dir) / "run.json"
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

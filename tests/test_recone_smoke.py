@@ -4,6 +4,7 @@ import json
 from experiments.coldstart import ReconeConfig, copy_overlap
 from experiments.recone import run_recone
 from grpo.config import load_config
+from grpo.runlog import read_jsonl
 from prompts import parse_completion
 
 
@@ -57,6 +58,14 @@ def test_recone_pipeline_on_a_tiny_model(tmp_path, data_dir, default_tokenizer, 
     assert (root / "sft" / "checkpoints" / "best" / "config.json").exists()
     assert stages["grpo"]["starts_from"].endswith("best")
     assert (root / "grpo" / "metrics.jsonl").exists() and (root / "grpo" / "checkpoints" / "step_2").exists()
+
+    # Resumed with more GRPO steps: the finished SFT stage is kept as it is, GRPO continues from step 2.
+    sft_record = (root / "sft" / "run.json").read_text()
+    cfg.run.resume, cfg.grpo.steps = "latest", 3
+    run_recone(cfg)
+    assert (root / "sft" / "run.json").read_text() == sft_record
+    steps = [row["step"] for row in read_jsonl(root / "grpo" / "metrics.jsonl") if "reward/mean" in row]
+    assert steps == [1, 2, 3] and (root / "grpo" / "checkpoints" / "step_3").exists()
 
 
 def test_self_teacher_writes_one_line_per_example_and_resumes(tmp_path, data_dir, default_tokenizer):
