@@ -33,6 +33,7 @@ from grpo.batching import batch_indices, plan_micro_batches
 from grpo.checkpoint import prune_checkpoints, resume_run, save_checkpoint
 from grpo.config import GRPOConfig, ModelConfig, RunConfig, SamplingConfig, save_config
 from grpo.functional import group_advantages, grpo_loss, mask_truncated
+from grpo.interrupt import StopOnSignal
 from grpo.lora import adapters_disabled
 from grpo.logprobs import completion_logprobs, completion_logprobs_fast
 from grpo.metrics import step_metrics
@@ -94,123 +95,134 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
     # steps count from 1 (as in SFT): step s is the s-th update, logged and checkpointed as s
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="grpo", initial=start_step, total=cfg.steps,
                disable=not dist.is_main)
-    for step in bar:
-        metrics: dict[str, float] = {}
+    stopping = False
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, return (grpo/interrupt.py)
+        for step in bar:
+            metrics: dict[str, float] = {}
 
-        # ---- 1. a batch of B prompts (under torchrun: this rank's share of them) -------------------------
-        batch = [train_items[i] for i in batch_indices(len(train_items), B, step - 1, run.seed)][mine]
+            # ---- 1. a batch of B prompts (under torchrun: this rank's share of them) -------------------------
+            batch = [train_items[i] for i in batch_indices(len(train_items), B, step - 1, run.seed)][mine]
 
-        # ---- 2. G completions per prompt ------------------------------------------------------------------
-        t0 = time.perf_counter()
-        generator.manual_seed(distributed.step_seed(run.seed, step - 1, dist.rank))
-        rollout = generate(policy, [it["prompt"] for it in batch], sampling, group_size=G, generator=generator)
-        completions = decode_completions(policy.tokenizer, rollout)  # N texts, row n belongs to prompt n // G
-        metrics["time/generate_s"] = time.perf_counter() - t0
+            # ---- 2. G completions per prompt ------------------------------------------------------------------
+            t0 = time.perf_counter()
+            generator.manual_seed(distributed.step_seed(run.seed, step - 1, dist.rank))
+            rollout = generate(policy, [it["prompt"] for it in batch], sampling, group_size=G, generator=generator)
+            completions = decode_completions(policy.tokenizer, rollout)  # N texts, row n belongs to prompt n // G
+            metrics["time/generate_s"] = time.perf_counter() - t0
 
-        # ---- 3. rewards (the task's business) ------------------------------------------------------------
-        t0 = time.perf_counter()
-        scored = [task.reward(batch[n // G], text) for n, text in enumerate(completions)]
-        rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)  # (N,)
-        metrics["time/score_s"] = time.perf_counter() - t0
+            # ---- 3. rewards (the task's business) ------------------------------------------------------------
+            t0 = time.perf_counter()
+            scored = [task.reward(batch[n // G], text) for n, text in enumerate(completions)]
+            rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)  # (N,)
+            metrics["time/score_s"] = time.perf_counter() - t0
 
-        # ---- 4. advantages: each reward against its own group ----------------------------------------------
-        advantages, zero_std = group_advantages(rewards, G, scale_by_std=cfg.scale_rewards_by_std)  # (N,), (B,)
-        advantages = advantages.to(policy.device)
+            # ---- 4. advantages: each reward against its own group ----------------------------------------------
+            advantages, zero_std = group_advantages(rewards, G, scale_by_std=cfg.scale_rewards_by_std)  # (N,), (B,)
+            advantages = advantages.to(policy.device)
 
-        # ---- 5. which tokens carry loss, and the fixed log-probs the update compares against --------------
-        loss_mask = rollout.completion_mask  # (N, T) 1 up to and including EOS (trap 4)
-        if cfg.mask_truncated:  # a cut-off answer is not evidence of a wrong one (trap 8)
-            loss_mask = mask_truncated(loss_mask, rollout.truncated)  # (N, T)
-        total_tokens = dist.all_sum(loss_mask.sum())  # tokens that carry loss this step, on every rank
-        micro_batches = plan_micro_batches(rollout.prompt_mask, rollout.completion_mask, cfg.micro_batch_size,
-                                           cfg.micro_batch_tokens)
-        # under FSDP every forward is collective: each rank runs as many micro-batches as the busiest one
-        micro_batches = distributed.equalize_micro_batches(micro_batches, dist.all_max(len(micro_batches)))
+            # ---- 5. which tokens carry loss, and the fixed log-probs the update compares against --------------
+            loss_mask = rollout.completion_mask  # (N, T) 1 up to and including EOS (trap 4)
+            if cfg.mask_truncated:  # a cut-off answer is not evidence of a wrong one (trap 8)
+                loss_mask = mask_truncated(loss_mask, rollout.truncated)  # (N, T)
+            total_tokens = dist.all_sum(loss_mask.sum())  # tokens that carry loss this step, on every rank
+            micro_batches = plan_micro_batches(rollout.prompt_mask, rollout.completion_mask, cfg.micro_batch_size,
+                                               cfg.micro_batch_tokens)
+            # under FSDP every forward is collective: each rank runs as many micro-batches as the busiest one
+            micro_batches = distributed.equalize_micro_batches(micro_batches, dist.all_max(len(micro_batches)))
 
-        def logprobs_of(m, rows: slice) -> torch.Tensor:  # (n, T) at the sampling temperature (trap 1)
-            args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                    rollout.completion_mask[rows])
-            with policy.autocast():
-                if cfg.logprobs == "reference":
-                    return distributed.call(completion_logprobs, m, *args, temperature=sampling.temperature,
-                                            chunk_tokens=cfg.logprob_chunk_tokens)
-                return distributed.call(completion_logprobs_fast, m, *args, temperature=sampling.temperature,
-                                        chunk_tokens=cfg.logprob_chunk_tokens,
-                                        prompt_index=rollout.prompt_index[rows])
+            def logprobs_of(m, rows: slice) -> torch.Tensor:  # (n, T) at the sampling temperature (trap 1)
+                args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                        rollout.completion_mask[rows])
+                with policy.autocast():
+                    if cfg.logprobs == "reference":
+                        return distributed.call(completion_logprobs, m, *args, temperature=sampling.temperature,
+                                                chunk_tokens=cfg.logprob_chunk_tokens)
+                    return distributed.call(completion_logprobs_fast, m, *args, temperature=sampling.temperature,
+                                            chunk_tokens=cfg.logprob_chunk_tokens,
+                                            prompt_index=rollout.prompt_index[rows])
 
-        old_logp = ref_logp = None
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if cfg.mu > 1:  # with several passes the ratio must compare against the sampling-time policy
-                model.eval()
-                old_logp = torch.cat([logprobs_of(model, rows) for rows in micro_batches])  # (N, T)
-            if cfg.beta > 0:  # the frozen reference: its own copy, or with LoRA the model with adapters off
-                with adapters_disabled(model):
-                    ref_logp = torch.cat([logprobs_of(policy.reference or model, rows) for rows in micro_batches])
+            old_logp = ref_logp = None
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if cfg.mu > 1:  # with several passes the ratio must compare against the sampling-time policy
+                    model.eval()
+                    old_logp = torch.cat([logprobs_of(model, rows) for rows in micro_batches])  # (N, T)
+                if cfg.beta > 0:  # the frozen reference: its own copy, or with LoRA the model with adapters off
+                    with adapters_disabled(model):
+                        ref_logp = torch.cat([logprobs_of(policy.reference or model, rows) for rows in micro_batches])
 
-        # ---- 6. mu policy updates; each micro-batch's loss is divided by the whole step's counts, so their
-        #         gradients add up to the full batch's (trap 5). A non-finite loss or gradient is not applied.
-        model.train()
-        skipped = 0
-        for _ in range(cfg.mu):
-            sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
-            for rows in micro_batches:
-                logp = logprobs_of(model, rows)  # (n, T), with gradient
-                old = old_logp[rows] if old_logp is not None else logp.detach()  # (n, T) mu = 1: ratio 1 (trap 13)
-                ref = ref_logp[rows] if ref_logp is not None else None  # (n, T)
-                loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows], total_tokens=total_tokens,
-                                        total_seqs=float(B * G), **loss_settings)
-                loss.backward()  # gradients accumulate in .grad across micro-batches
-                sums["loss"] += float(loss.detach())
-                sums["kl"] += stats["kl"]
-                sums["clipped"] += stats["clipped"]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            if math.isfinite(dist.all_sum(sums["loss"])) and math.isfinite(float(distributed.full_tensor(grad_norm))):
-                optimizer.step()
-                policy.weights_changed()  # the sampler's copy of the weights is refreshed before the next rollout
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        metrics["time/update_s"] = time.perf_counter() - t0
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise FloatingPointError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
-                                     f"and were skipped (up to step {step}): the learning rate (grpo.lr="
-                                     f"{cfg.lr:g}) is the usual cause; the last good checkpoint is untouched")
+            # ---- 6. mu policy updates; each micro-batch's loss is divided by the whole step's counts, so their
+            #         gradients add up to the full batch's (trap 5). A non-finite loss or gradient is not applied.
+            model.train()
+            skipped = 0
+            for _ in range(cfg.mu):
+                sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+                for rows in micro_batches:
+                    logp = logprobs_of(model, rows)  # (n, T), with gradient
+                    old = old_logp[rows] if old_logp is not None else logp.detach()  # (n, T) mu = 1: ratio 1 (trap 13)
+                    ref = ref_logp[rows] if ref_logp is not None else None  # (n, T)
+                    loss, stats = grpo_loss(logp, old, ref, advantages[rows], loss_mask[rows],
+                                            total_tokens=total_tokens, total_seqs=float(B * G), **loss_settings)
+                    loss.backward()  # gradients accumulate in .grad across micro-batches
+                    sums["loss"] += float(loss.detach())
+                    sums["kl"] += stats["kl"]
+                    sums["clipped"] += stats["clipped"]
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                grad_norm = float(distributed.full_tensor(grad_norm))
+                if math.isfinite(dist.all_sum(sums["loss"])) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    policy.weights_changed()  # the sampler's copy of the weights is refreshed before the next rollout
+                else:
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            metrics["time/update_s"] = time.perf_counter() - t0
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                                         f"and were skipped (up to step {step}): the learning rate (grpo.lr="
+                                         f"{cfg.lr:g}) is the usual cause; the last good checkpoint is untouched")
 
-        # ---- 7. metrics (over every rank's rows), samples, evaluation, checkpoint -------------------------
-        parts = [p for _, p in scored]
-        metrics.update(step_metrics(dist, rollout, rewards, parts, advantages, zero_std, sums, total_tokens,
-                                    cfg.beta > 0, metrics["time/generate_s"]))
-        metrics.update({"grad/norm": float(distributed.full_tensor(grad_norm)), "lr": scheduler.get_last_lr()[0],
-                        "update/skipped_nonfinite": skipped})
-        if metrics["adv/frac_zero_std"] == 1.0 and step == start_step + 1:
-            log.print("warning: every group's rewards are equal: this step's gradient is exactly zero "
-                      "(see README: 'when nothing is learned')")
-        if metrics["grad/norm"] == 0.0 and metrics["adv/frac_zero_std"] < 1.0 and not collapse_warned:
-            collapse_warned = True  # rewards differ, yet nothing moves: a saturated (collapsed) policy
-            log.print(f"warning: the gradient is exactly zero at step {step} although rewards differ within "
-                      f"groups: the policy may have collapsed (a learning rate far too high, grpo.lr={cfg.lr:g}, "
-                      "does this)")
-        log.log(step, metrics)
-        if record is not None:
-            record.heartbeat(steps=step)
-        if run.samples_every > 0 and step % run.samples_every == 0:
-            log.samples(step, [  # rank 0's rows
-                {"prompt": batch[n // G]["prompt"], "prompt_id": batch[n // G]["id"], "completion": completions[n],
-                 "reward": float(rewards[n]), "parts": parts[n], "advantage": float(advantages[n]),
-                 "truncated": bool(rollout.truncated[n]), **task.describe(batch[n // G], completions[n])}
-                for n in range(min(run.samples_per_step, len(completions)))])
-        if run.eval_every > 0 and step % run.eval_every == 0 and step < cfg.steps and val_items:
-            last_eval = run_eval(step)
-        if run.save_every > 0 and step % run.save_every == 0 and step < cfg.steps:
-            checkpoint(step)
-        log.plot()
-        bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
-                         **{k.split("/")[-1]: f"{metrics[k]:.2f}" for k in task.curve_keys if k in metrics},
-                         "len": f"{metrics['len/completion_mean']:.0f}", "gen_s": f"{metrics['time/generate_s']:.1f}"})
+            # ---- 7. metrics (over every rank's rows), samples, evaluation, checkpoint -------------------------
+            parts = [p for _, p in scored]
+            metrics.update(step_metrics(dist, rollout, rewards, parts, advantages, zero_std, sums, total_tokens,
+                                        cfg.beta > 0, metrics["time/generate_s"]))
+            metrics.update({"grad/norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                            "update/skipped_nonfinite": skipped})
+            if metrics["adv/frac_zero_std"] == 1.0 and step == start_step + 1:
+                log.print("warning: every group's rewards are equal: this step's gradient is exactly zero "
+                          "(see README: 'when nothing is learned')")
+            if metrics["grad/norm"] == 0.0 and metrics["adv/frac_zero_std"] < 1.0 and not collapse_warned:
+                collapse_warned = True  # rewards differ, yet nothing moves: a saturated (collapsed) policy
+                log.print(f"warning: the gradient is exactly zero at step {step} although rewards differ within "
+                          f"groups: the policy may have collapsed (a learning rate far too high, grpo.lr={cfg.lr:g}, "
+                          "does this)")
+            log.log(step, metrics)
+            if record is not None:
+                record.heartbeat(steps=step)
+            if run.samples_every > 0 and step % run.samples_every == 0:
+                log.samples(step, [  # rank 0's rows
+                    {"prompt": batch[n // G]["prompt"], "prompt_id": batch[n // G]["id"], "completion": completions[n],
+                     "reward": float(rewards[n]), "parts": parts[n], "advantage": float(advantages[n]),
+                     "truncated": bool(rollout.truncated[n]), **task.describe(batch[n // G], completions[n])}
+                    for n in range(min(run.samples_per_step, len(completions)))])
+            if run.eval_every > 0 and step % run.eval_every == 0 and step < cfg.steps and val_items:
+                last_eval = run_eval(step)
+            stopping = step < cfg.steps and dist.all_max(stop.requested) > 0  # every rank stops together
+            if stopping or (run.save_every > 0 and step % run.save_every == 0 and step < cfg.steps):
+                checkpoint(step)
+            log.plot()
+            bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
+                             **{k.split("/")[-1]: f"{metrics[k]:.2f}" for k in task.curve_keys if k in metrics},
+                             "len": f"{metrics['len/completion_mean']:.0f}",
+                             "gen_s": f"{metrics['time/generate_s']:.1f}"})
+            if stopping:
+                log.print(f"stopped on request after step {step}: continue with run.resume=latest")
+                break
+    if stopping:
+        log.close()
+        return run_dir
 
     # ---- the end: final evaluation and checkpoint --------------------------------------------------------
     final_eval = run_eval(cfg.steps) if val_items else last_eval

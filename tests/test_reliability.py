@@ -170,3 +170,28 @@ def test_wrong_model_paths_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="a data folder"):
         resolve_model_path(str(tmp_path / "data"))
     assert resolve_model_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"  # a hub id passes
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes_the_run(tokenizer_dir, tmp_path):
+    # SIGINT in the middle of step 2 (sent from inside the reward function): the loop finishes that step,
+    # checkpoints it and returns without raising; run.resume=latest then completes the run.
+    import os
+    import signal
+
+    from grpo.runlog import run_finished
+
+    class InterruptedTask(WordTask):
+        calls = 0
+
+        def reward(self, item, completion):
+            InterruptedTask.calls += 1
+            if InterruptedTask.calls == 5:  # the first completion of step 2 (2 prompts x 2 completions a step)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().reward(item, completion)
+
+    handler = signal.getsignal(signal.SIGINT)
+    out = run(tokenizer_dir, tmp_path / "r", task=InterruptedTask(), grpo={"steps": 4})
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler is gone again
+    assert steps_logged(out) == [1, 2] and (out / "checkpoints" / "step_2").is_dir() and not run_finished(out)
+    run(tokenizer_dir, tmp_path / "r", grpo={"steps": 4}, resume="latest")
+    assert steps_logged(out) == [1, 2, 3, 4] and run_finished(out)
