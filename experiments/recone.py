@@ -53,9 +53,17 @@ def run_recone(cfg: ReconeConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     task = RecTask(cfg.task, tokenizer)
     pairs = sft_pairs(traces, task)
+    budget = cfg.sampling.max_new_tokens
+    fits = [p for p in pairs if len(tokenizer(p[1], add_special_tokens=False)["input_ids"]) < budget]
+    if len(fits) < len(pairs):  # a model taught answers GRPO cuts off never reaches a rating there
+        print(f"{len(pairs) - len(fits)} of {len(pairs)} cold-start traces are longer than sampling.max_new_tokens="
+              f"{cfg.sampling.max_new_tokens} tokens (with their EOS) and are left out of SFT")
+    stages["sft_pairs_too_long"] = len(pairs) - len(fits)
+    pairs = fits
     if len(pairs) < 2:
-        raise RuntimeError(f"only {len(pairs)} cold-start traces were kept ({traces}); raise coldstart.n_examples, "
-                           "coldstart.samples_per_example or coldstart.tolerance, or use an external teacher")
+        raise RuntimeError(f"only {len(pairs)} cold-start traces were kept and fit ({traces}); raise "
+                           "coldstart.n_examples, coldstart.samples_per_example, coldstart.tolerance or "
+                           "sampling.max_new_tokens, or use an external teacher")
     random.Random(cfg.run.seed).shuffle(pairs)
     n_val = max(1, len(pairs) // 10)
     sft_run = copy.deepcopy(cfg.run)

@@ -5,16 +5,19 @@ teacher needs a network. This one needs neither. For each training example it wr
 plain statements of what the prompt shows:
 
 - analyze user: how many items the user rated and how generously (their average against the training
-  split's mean); the titles they rated highest and lowest; the categories their liked items share.
+  split's mean); two titles they rated highest and two lowest; the categories their liked items share.
 - analyze item: the item's title and categories, its earlier reviewers' average, [pos] the summary of its
   best-rated earlier review and [neg] of its worst-rated one.
-- match: which of the item's categories the user's liked items have, and the arithmetic of the rating.
+- match: which of the item's categories the user's liked items have, and the arithmetic of the rating
+  (user average + item average - the usual rating).
 - rate: the bias rule, user average + item average - the split's mean, rounded to a whole star and kept
   on the scale: the user+item bias baseline without shrinkage, computed from the two averages the prompt
   states (so the student can learn to read them, and GRPO can then learn to do better than the rule).
 
 Every number and title in a trace is a fact of the example; only the rating is a guess, and `coldstart`
-keeps a trace only when that guess is within `coldstart.tolerance` of the label.
+keeps a trace only when that guess is within `coldstart.tolerance` of the label. Traces are kept short
+(~110-160 tokens): GRPO cuts an answer at `sampling.max_new_tokens`, and a model taught longer answers
+would never reach its rating (`experiments.recone` drops pairs that do not fit).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from collections import Counter
 from typing import Sequence
 
 LIKED, DISLIKED = 4.0, 2.0  # ratings at or above / at or below these count as liked / disliked
-TITLES = 3  # titles quoted per side
+TITLES = 2  # titles quoted per side (a trace must fit sampling.max_new_tokens: ~100-150 tokens here)
+SUMMARY_CHARS = 60  # a review summary is quoted up to this many characters
 GENERIC_CATEGORIES = {"CDs & Vinyl", "Digital Music", "Music"}  # on nearly every item: they say nothing
 
 
@@ -44,7 +48,7 @@ def _stars(x: float) -> str:
 
 def _summary(entry: dict) -> str:
     text = " ".join(str(entry.get("summary") or entry.get("text") or "").split())
-    return text[:120].rstrip() or "no words given"
+    return text[:SUMMARY_CHARS].rstrip() or "no words given"
 
 
 def rule_rating(user_avg: float | None, item_avg: float | None, global_mean: float,
@@ -76,14 +80,12 @@ def rule_trace(example: dict, global_mean: float) -> str:
         user.append(f"They liked {_quote([_title(e) for e in liked[:TITLES]])}.")
     if disliked:
         user.append(f"They disliked {_quote([_title(e) for e in disliked[:TITLES]])}.")
-    elif history:
-        user.append("They gave no item 2 stars or fewer.")
     liked_categories = Counter(c for e in liked for c in _categories(e))
     if liked_categories:
-        user.append(f"Their liked items are mostly {', '.join(c for c, _ in liked_categories.most_common(3))}.")
+        user.append(f"Their liked items are mostly {', '.join(c for c, _ in liked_categories.most_common(2))}.")
 
     item_categories = _categories(item)
-    about = f'Item: "{_title(item)}"' + (f" ({', '.join(item_categories[:4])})" if item_categories else "") + "."
+    about = f'Item: "{_title(item)}"' + (f" ({', '.join(item_categories[:2])})" if item_categories else "") + "."
     lines = [about]
     if reviews and item_avg is not None:
         who = "earlier reviewer gave" if len(reviews) == 1 else "earlier reviewers gave"
@@ -100,11 +102,10 @@ def rule_trace(example: dict, global_mean: float) -> str:
 
     shared = [c for c in item_categories if c in liked_categories]
     rating = rule_rating(user_avg, item_avg, global_mean, scale)
-    match = [f"The item shares {', '.join(shared[:3])} with items the user liked." if shared else
+    match = [f"The item shares {', '.join(shared[:2])} with items the user liked." if shared else
              "The item shares no category with the items the user liked."]
     u = _stars(user_avg) if user_avg is not None else "unknown"
     i = _stars(item_avg) if item_avg is not None else "unknown"
-    match.append(f"User average {u} plus item average {i} minus the usual {_stars(global_mean)} "
-                 f"gives about {rating} stars.")
+    match.append(f"{u} + {i} - {_stars(global_mean)}: about {rating} stars.")
     return (f"<analyze user>\n{' '.join(user)}\n</analyze user>\n<analyze item>\n{' '.join(lines)}\n"
             f"</analyze item>\n<match>\n{' '.join(match)}\n</match>\n<rate> {rating} </rate>")

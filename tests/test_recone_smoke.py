@@ -32,7 +32,7 @@ def test_recone_pipeline_on_a_tiny_model(tmp_path, data_dir, default_tokenizer, 
     path = tmp_path / "recone_smoke.yaml"
     path.write_text(yaml.safe_dump(values))
     cfg = load_config(ReconeConfig, path, [f"task.data_dir={data}", f"run.output_dir={tmp_path / 'run'}",
-                                           "grpo.steps=2", "run.eval_examples=2"])
+                                           "grpo.steps=2", "run.eval_examples=2", "sampling.max_new_tokens=64"])
     # A random model never writes the format; stand in a teacher that answers well for half the examples,
     # so that the filter, the SFT stage and the hand-over to GRPO all run on real files.
     calls = []

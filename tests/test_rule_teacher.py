@@ -27,7 +27,7 @@ def test_a_rule_trace_parses_and_states_the_examples_facts():
     assert "Pop" in user and "CDs & Vinyl" not in user  # the liked items' category, without the generic ones
     assert '"Item-1" (World Music)' in item and "2 earlier reviewers gave it 4.5 stars" in item
     assert "[pos] a 5-star review: Joyful" in item and "[neg] a 4-star review: Great melodies" in item
-    assert "no category" in match and "gives about 4 stars" in match
+    assert "no category" in match and "4 + 4.5 - 4.2: about 4 stars" in match
     assert check_trace(trace, ex, tolerance=0.0)[0]  # rule 4 = label 4: kept
     assert not check_trace(rule_trace(make_example(2, rating=1.0), 4.2), make_example(2, rating=1.0))[0]
 
