@@ -254,8 +254,10 @@ def fake_self_traces(cfg, examples, out):
 @pytest.fixture(scope="module")
 def converged(music, runs_root):
     """Both recipes trained by the command: RecOne 2 steps, RecZero's config says 1 step (it must get 2)."""
-    reczero = write_config(runs_root.parent / "reczero_tiny.yaml", music, grpo={"steps": 1})
-    recone = write_config(runs_root.parent / "recone_tiny.yaml", music, grpo={"steps": 2},
+    # 64 new tokens: the stand-in traces must fit the sampling budget, or RecOne leaves them out of SFT
+    sampling = {"temperature": 1.0, "max_new_tokens": 64, "stop_strings": ["</rate>"]}
+    reczero = write_config(runs_root.parent / "reczero_tiny.yaml", music, grpo={"steps": 1}, sampling=sampling)
+    recone = write_config(runs_root.parent / "recone_tiny.yaml", music, grpo={"steps": 2}, sampling=sampling,
                           coldstart={"n_examples": 6, "samples_per_example": 2, "batch_examples": 3},
                           sft={"epochs": 1, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3})
     out = runs_root / "convergence"
