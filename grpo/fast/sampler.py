@@ -16,6 +16,7 @@ import torch
 from grpo.fast.decode import bucket_size, make_decoder
 from grpo.sampler import Rollout, StopStrings, check_sampling, draw, filter_logits, left_pad
 
+
 @torch.no_grad()
 def sample(
     model,
