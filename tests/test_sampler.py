@@ -599,3 +599,46 @@ def test_greedy_tokens_are_the_same_with_and_without_the_cpu_savings():
             for opts in ({"split_cache": False, "packed_weights": False}, {})]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
     assert torch.allclose(runs[0].logp, runs[1].logp, atol=1e-5)
+
+
+# ---- the shared prefix: the prompts' common leading tokens prefilled once (grpo/fast/prefill.py) -------------
+def prompts_with_a_common_prefix(seed=0):
+    """Ragged prompts that start alike, as a template's system message and worked example make them: one is the
+    shared prefix plus a single token, another continues a prefix of the others' own tokens."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randint(2, 128, (9,), generator=g).tolist()
+    own = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (1, 6, 3, 11)]
+    return [common + tail for tail in own] + [common[:5] + own[1]]
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from grpo.fast.prefill import shared_prefix_length
+
+    prompts = prompts_with_a_common_prefix()
+    assert shared_prefix_length(*left_pad(prompts[:4], PAD)) == 9
+    assert shared_prefix_length(*left_pad(prompts, PAD)) == 5  # the last one leaves the common part after 5
+    assert shared_prefix_length(*left_pad([prompts[0], prompts[0]], PAD)) == 9  # identical: all but the last
+    assert shared_prefix_length(*left_pad([[5, 6], [7, 6]], PAD)) == 0
+
+
+@pytest.mark.parametrize("config", [{}, TINY_LLAMA], ids=["qwen2-with-qkv-bias", "llama"])
+def test_a_shared_prefix_gives_the_logits_of_prefilling_every_prompt_whole(config):
+    model = tiny_model(initializer_range=0.3, **config)
+    prompts = prompts_with_a_common_prefix()
+    reference, _ = _decode_steps(model, prompts, 2, split=False, packed=False, shared_prefix=False)
+    for split in (False, True):
+        ours, decoder = _decode_steps(model, prompts, 2, split=split, packed=False, shared_prefix=True)
+        for a, b in zip(ours, reference):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (split, (a - b).abs().max())
+
+
+def test_greedy_and_sampled_tokens_are_the_same_with_and_without_the_shared_prefix():
+    model = tiny_model(initializer_range=0.5)
+    prompts = prompts_with_a_common_prefix()
+    for greedy in (True, False):
+        runs = [fast_sample(model, prompts, group_size=2, max_new_tokens=16, eos_ids=[], pad_id=PAD, greedy=greedy,
+                            generator=torch.Generator().manual_seed(1), decode_options={"shared_prefix": shared})
+                for shared in (False, True)]
+        assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+        assert torch.allclose(runs[0].logp, runs[1].logp, atol=1e-5)
+        assert torch.equal(runs[0].prompt_mask, runs[1].prompt_mask)  # the rollout's prompts stay left-padded

@@ -57,6 +57,8 @@ the plain loop it speeds up is grpo/sampler.py) does not know which one it drive
   * RMSNorm in 3-4 ops instead of ~10 (`vector_norm` and `hypot`), queries scaled inside the rotary tables, and
     the eager step under `torch.inference_mode` (no autograd bookkeeping per op).
   Supported: Llama-style decoders (Llama, Qwen2: RMSNorm, rotary, GQA, gated MLP, no sliding window).
+  Either device: the prompts' common leading tokens (system message, worked example) are prefilled once for
+  the batch (`shared_prefix`, grpo/fast/prefill.py; most of a CPU evaluation's prefill, docs/performance.md).
 - `HFDecoder` calls the model's forward with a Hugging Face cache (`static` or `dynamic`): the fast loop's
   fallback for every other architecture, and the bench's Hugging Face cached decode (the plain sampler,
   `sampling.decoder: reference`, is grpo/sampler.py, not this).
@@ -75,6 +77,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from grpo.fast.prefill import prefill
 from grpo.sampler import cache_keyword, positions_from_mask
 
 SLOT_ALIGN = 16  # cache length rounded up to this: aligned rows for the attention kernels' masks
@@ -494,8 +497,9 @@ class SlotDecoder:
     def __init__(self, model, prompt_len: int, max_new_tokens: int, cuda_graphs: bool,
                  split_cache: bool | None = None, packed_weights: bool | None = None,
                  grid_cache: bool | None = None, stacked_weights: bool | None = None,
-                 fused_ops: bool | None = None):
+                 fused_ops: bool | None = None, shared_prefix: bool | None = None):
         self.model = model
+        self.shared_prefix = True if shared_prefix is None else bool(shared_prefix)  # the prompts' common prefix once
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.P = prompt_len
@@ -580,9 +584,9 @@ class SlotDecoder:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=positions_from_mask(prompt_mask), use_cache=True, logits_to_keep=1,
-                         **{cache_keyword(self.model): cache})
+        # From here on the cache's own column mask stands for the prompt mask (the same, unless a common
+        # prefix was prefilled once: grpo/fast/prefill.py).
+        last_logits, prompt_mask = prefill(self.model, prompt_ids, prompt_mask, cache, self.shared_prefix)  # (B, V)
         B, P = prompt_ids.shape
         N = B * group_size
         suffix = self.L - P  # split cache: slots for the completion tokens only
@@ -627,7 +631,7 @@ class SlotDecoder:
             self.mask = torch.full((N, 1, 1, self.L), float("-inf"), dtype=dtype, device=prompt_ids.device)
             self.mask[:, 0, 0, :P].masked_fill_(prompt_mask.bool().repeat_interleave(group_size, dim=0), 0.0)
         self.write_pos = torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
-        return out.logits[:, -1, :].repeat_interleave(group_size, dim=0)  # (N, V)
+        return last_logits.repeat_interleave(group_size, dim=0)  # (N, V)
 
     # ---- split cache: rows <-> the per-prompt grid of query positions ---------------------------------------
     def _lay_out_rows(self, row_prompt: list[int]) -> None:
@@ -953,12 +957,13 @@ class SlotDecoder:
 def make_decoder(model, cache_impl: str, prompt_len: int, max_new_tokens: int, cuda_graphs: bool | None,
                  split_cache: bool | None = None, packed_weights: bool | None = None,
                  grid_cache: bool | None = None, stacked_weights: bool | None = None,
-                 fused_ops: bool | None = None):
+                 fused_ops: bool | None = None, shared_prefix: bool | None = None):
     """The engine for this model and setting. cache_impl 'static' prefers `SlotDecoder` (Hugging Face's
     StaticCache where the architecture is not supported, its DynamicCache under autocast); 'dynamic' is
     Hugging Face's growing cache. cuda_graphs: None = on for `SlotDecoder` on CUDA without autocast.
     split_cache, packed_weights: `SlotDecoder`'s CPU savings; None = on where they apply (float32 on the CPU).
-    grid_cache, stacked_weights, fused_ops: its CUDA savings; None = on where they apply (the module docstring)."""
+    grid_cache, stacked_weights, fused_ops: its CUDA savings; None = on where they apply (the module docstring).
+    shared_prefix: `SlotDecoder` prefills the prompts' common prefix once (grpo/fast/prefill.py); None = on."""
     if cache_impl not in ("static", "dynamic"):
         raise ValueError(f"cache_impl must be 'static' or 'dynamic', got {cache_impl!r}")
     device = next(model.parameters()).device
@@ -972,7 +977,7 @@ def make_decoder(model, cache_impl: str, prompt_len: int, max_new_tokens: int, c
         use_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs) and graphs_possible
         return SlotDecoder(model, prompt_len, max_new_tokens, cuda_graphs=use_graphs, split_cache=split_cache,
                            packed_weights=packed_weights, grid_cache=grid_cache, stacked_weights=stacked_weights,
-                           fused_ops=fused_ops)
+                           fused_ops=fused_ops, shared_prefix=shared_prefix)
     if cache_impl == "static" and autocast:
         # Hugging Face's StaticCache takes one dtype, but under autocast keys (after the fp32 rotary embedding)
         # and values arrive in different ones: fall back to the growing cache.
