@@ -147,7 +147,7 @@ class GRPOConfig:
     """How the update scores completions (grpo/logprobs.py): `reference` = one forward over every row's
     prompt and completion; `fast` = the same numbers, with padding columns trimmed and each prompt run once
     per micro-batch, its keys/values (and their gradient) shared by its completions: B*P + N*T tokens of work
-    instead of N*(P + T)."""
+    instead of N*(P + T); the prompts' common prefix (system message, worked example) runs once too."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk when computing log-probs from hidden states (bounds the logits' memory)."""
     max_nonfinite_steps: int = 3

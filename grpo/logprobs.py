@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from grpo.fast.prefill import run_shared_prefix
 from grpo.functional import logprobs_from_hidden
 from grpo.sampler import cache_keyword, positions_from_mask
 
@@ -45,14 +46,16 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 def completion_logprobs_fast(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                          temperature: float = 1.0, chunk_tokens: int = 1024,
-                         prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+                         prompt_index: torch.Tensor | None = None, shared_prefix: bool = False) -> torch.Tensor:
     """`completion_logprobs` with less work: the same (N, T) numbers (tests/test_policy.py).
 
     Only the columns some row uses are run: a micro-batch of short rows runs a short tensor. `prompt_index`
     (N,) says which rows share a prompt (GRPO's G completions of one prompt; rows of a prompt must be
     consecutive): each distinct prompt is then run through the model once and its keys and values are shared
     by its rows, gradient included, instead of running the same prompt G times: B*P + N*T tokens of work
-    instead of N*(P + T). Not with gradient checkpointing (which recomputes a layer without its cache).
+    instead of N*(P + T). `shared_prefix`: the distinct prompts' common leading tokens (a template's system
+    message and worked example) are run once for all of them too (grpo/fast/prefill.py). Neither with gradient
+    checkpointing (which recomputes a layer without its cache).
     """
     T = completion_ids.shape[1]
     # Exact: what is dropped is left padding of every prompt and right padding of every completion (positions come from
@@ -64,8 +67,11 @@ def completion_logprobs_fast(model, prompt_ids, prompt_mask, completion_ids, com
     completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]  # (N, T')
     P = prompt_ids.shape[1]
     body = model.get_decoder()  # the transformer without its LM head
-    if prompt_index is not None and not getattr(body, "gradient_checkpointing", False):
-        hidden = _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+    if (prompt_index is not None or shared_prefix) and not getattr(body, "gradient_checkpointing", False):
+        if prompt_index is None:  # every row its own prompt
+            prompt_index = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # (N,)
+        hidden = _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index,
+                                       shared_prefix)
     else:
         input_ids, attention_mask, position_ids = build_inputs(prompt_ids, prompt_mask, completion_ids,
                                                                completion_mask)
@@ -80,21 +86,26 @@ def completion_logprobs_fast(model, prompt_ids, prompt_mask, completion_ids, com
     return F.pad(logp, (0, T - logp.shape[1]))  # (N, T): zeros in the trimmed columns
 
 
-def _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index):
-    """Hidden states (N, T, H) that predict the completion tokens, running each distinct prompt once."""
+def _shared_prompt_hidden(body, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index,
+                          shared_prefix: bool = False):
+    """Hidden states (N, T, H) that predict the completion tokens, running each distinct prompt once (and,
+    with `shared_prefix`, their common prefix once)."""
     from transformers import DynamicCache
 
     _, counts = torch.unique_consecutive(prompt_index, return_counts=True)  # (U,) rows per distinct prompt
     first = torch.cumsum(counts, 0) - counts  # (U,) the first row of each prompt
-    P = prompt_ids.shape[1]
     cache = DynamicCache(config=body.config)
     kw = cache_keyword(body)
-    prompt_hidden = body(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
-                         position_ids=positions_from_mask(prompt_mask[first]), use_cache=True,
-                         **{kw: cache}).last_hidden_state  # (U, P, H)
+    ids, prompt_mask, P0 = run_shared_prefix(body, prompt_ids[first], prompt_mask[first], cache,
+                                             shared_prefix)  # (U, S), (U, P) the cache's columns, int
+    positions = positions_from_mask(prompt_mask)[:, P0:]  # (U, S)
+    prompt_hidden = body(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                         **{kw: cache}).last_hidden_state  # (U, S, H)
     for layer in cache.layers:  # each prompt's keys/values serve all its rows; autograd sums their gradients
         layer.keys = layer.keys.repeat_interleave(counts, dim=0)  # (U, heads, P, d) -> (N, heads, P, d)
         layer.values = layer.values.repeat_interleave(counts, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(counts, dim=0)  # (N, P)
+    P = prompt_mask.shape[1]
     attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P + T)
     position_ids = positions_from_mask(attention_mask)[:, P:]  # (N, T)
     completion_hidden = body(input_ids=completion_ids, attention_mask=attention_mask, position_ids=position_ids,

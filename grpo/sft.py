@@ -29,7 +29,7 @@ from grpo import distributed
 from grpo.batching import batch_indices
 from grpo.checkpoint import prune_checkpoints, save_checkpoint
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, check, save_config
-from grpo.logprobs import completion_logprobs
+from grpo.logprobs import completion_logprobs, completion_logprobs_fast
 from grpo.policy import Policy, load_policy, make_optimizer
 from grpo.rollout import encode_prompts, evaluate
 from grpo.runlog import RunLog, RunRecord, claim_run_folder, write_json
@@ -59,6 +59,10 @@ class SFTConfig:
     """Stop after this many evaluations in a row without a lower validation loss; 0 = never stop early."""
     max_completion_tokens: int = 1024
     """Longer targets are cut to this many tokens (and then get no EOS: a cut trace is not a finished one)."""
+    logprobs: str = "fast"
+    """How the log-probs are computed: `reference` = grpo.logprobs.completion_logprobs, one forward over every
+    padded prompt and completion; `fast` = the same numbers with the prompts' common prefix (a template's system
+    message and worked example) run once per micro-batch and padding columns trimmed (completion_logprobs_fast)."""
 
     def __post_init__(self):
         check("sft", epochs=(self.epochs >= 1, f"must be >= 1, got {self.epochs}"),
@@ -69,7 +73,8 @@ class SFTConfig:
               warmup_steps=(self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}"),
               max_grad_norm=(self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}"),
               patience=(self.patience >= 0, f"must be >= 0, got {self.patience}"),
-              max_completion_tokens=(self.max_completion_tokens >= 1, f"must be >= 1, got {self.max_completion_tokens}"))
+              max_completion_tokens=(self.max_completion_tokens >= 1, f"must be >= 1, got {self.max_completion_tokens}"),
+              logprobs=(self.logprobs in ("reference", "fast"), f"must be reference or fast, got {self.logprobs!r}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,8 +125,17 @@ def sft_loss(logp: torch.Tensor, completion_mask: torch.Tensor, total_tokens: fl
     return -(logp * completion_mask.to(logp.dtype)).sum() / max(float(total_tokens), 1.0)
 
 
+def batch_logprobs(policy: Policy, batch, chunk_tokens: int = 1024, logprobs: str = "fast") -> torch.Tensor:
+    """log p of each completion token of a collated batch (n, T), by the scorer `SFTConfig.logprobs` names."""
+    scorer, options = ((completion_logprobs, {}) if logprobs == "reference" else
+                       (completion_logprobs_fast, {"shared_prefix": True}))
+    with policy.autocast():
+        return distributed.call(scorer, policy.model, *batch, chunk_tokens=chunk_tokens, **options)  # (n, T)
+
+
 def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_batch_size: int,
-                             chunk_tokens: int = 1024, total_tokens: int | None = None) -> tuple[float, int]:
+                             chunk_tokens: int = 1024, total_tokens: int | None = None,
+                             logprobs: str = "fast") -> tuple[float, int]:
     """Backward the SFT loss of one optimizer step's examples, a micro-batch at a time. `total_tokens`: the
     completion tokens of the whole step (under torchrun, of every rank's examples); default: these.
     Returns (this call's share of the step's mean NLL per completion token, the token count)."""
@@ -130,8 +144,7 @@ def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_b
     loss_sum = 0.0
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start:start + micro_batch_size], policy.pad_id, policy.device)
-        with policy.autocast():
-            logp = distributed.call(completion_logprobs, policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T)
+        logp = batch_logprobs(policy, batch, chunk_tokens, logprobs)  # (n, T)
         loss = sft_loss(logp, batch[3], total_tokens)
         loss.backward()  # gradients accumulate in .grad across micro-batches
         loss_sum += float(loss.detach())
@@ -139,7 +152,8 @@ def accumulate_sft_gradients(policy: Policy, examples: list[SFTExample], micro_b
 
 
 @torch.no_grad()
-def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int, chunk_tokens: int = 1024) -> float:
+def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int, chunk_tokens: int = 1024,
+                    logprobs: str = "fast") -> float:
     """Mean NLL per completion token over all `examples` (token-weighted, like the training loss). Under
     torchrun every rank scores all of them: each forward of a sharded model is collective, and the
     validation pairs are few."""
@@ -147,8 +161,7 @@ def validation_loss(policy: Policy, examples: list[SFTExample], batch_size: int,
     nll, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], policy.pad_id, policy.device)
-        with policy.autocast():
-            logp = distributed.call(completion_logprobs, policy.model, *batch, chunk_tokens=chunk_tokens)  # (n, T)
+        logp = batch_logprobs(policy, batch, chunk_tokens, logprobs)  # (n, T)
         nll += float(sft_loss(logp, batch[3], 1.0))  # a sum: denominator 1
         tokens += int(batch[3].sum())
     return nll / max(tokens, 1)
@@ -209,7 +222,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         nonlocal evals_without_improvement
         metrics = {}
         if val_examples:
-            metrics["eval/loss"] = validation_loss(policy, val_examples, run.eval_batch_size)
+            metrics["eval/loss"] = validation_loss(policy, val_examples, run.eval_batch_size, logprobs=cfg.logprobs)
             if metrics["eval/loss"] < best["loss"]:
                 best.update(loss=metrics["eval/loss"], step=step)
                 evals_without_improvement = 0
@@ -239,7 +252,8 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
 
         # ---- 2. gradients of the mean NLL of the step's completion tokens -------------------------------------
         model.train()
-        loss, _ = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size, total_tokens=tokens)
+        loss, _ = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size, total_tokens=tokens,
+                                           logprobs=cfg.logprobs)
         loss = dist.all_sum(loss)
 
         # ---- 3. clip, step ------------------------------------------------------------------------------

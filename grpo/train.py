@@ -139,7 +139,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
                                                 chunk_tokens=cfg.logprob_chunk_tokens)
                     return distributed.call(completion_logprobs_fast, m, *args, temperature=sampling.temperature,
                                             chunk_tokens=cfg.logprob_chunk_tokens,
-                                            prompt_index=rollout.prompt_index[rows])
+                                            prompt_index=rollout.prompt_index[rows], shared_prefix=True)
 
             old_logp = ref_logp = None
             t0 = time.perf_counter()

@@ -11,9 +11,11 @@ from grpo.logprobs import completion_logprobs, completion_logprobs_fast
 from grpo.sampler import sample
 
 
-def _rollout(model, G=3):
+def _rollout(model, G=3, common=0):
+    """G completions of 3 ragged prompts; with `common`, the prompts start with the same `common` tokens."""
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    prefix = torch.randint(2, 128, (common,), generator=g).tolist()
+    prompts = [prefix + torch.randint(2, 128, (n,), generator=g).tolist() for n in (6, 2, 9)]
     return sample(model, prompts, group_size=G, max_new_tokens=10, eos_ids=[1, 2, 3], pad_id=1,
                   temperature=1.3, generator=torch.Generator().manual_seed(5))
 
@@ -86,7 +88,7 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(loss_agg, beta):
 
 def test_the_fast_scorer_gives_the_plain_logprobs_and_gradients():
     model = tiny_model()
-    r = _rollout(model, G=3)
+    r = _rollout(model, G=3, common=5)  # prompts that start alike, as a template makes them
     weights = torch.randn(r.completion_ids.shape, generator=torch.Generator().manual_seed(4)) * r.completion_mask
 
     def run(rows, scorer, **kw):
@@ -99,7 +101,9 @@ def test_the_fast_scorer_gives_the_plain_logprobs_and_gradients():
     # whole batch, and a micro-batch that starts and ends in the middle of groups
     for rows in (slice(0, 9), slice(2, 7)):
         base, base_grads = run(rows, completion_logprobs)
-        for kw in ({}, {"prompt_index": r.prompt_index[rows]}):  # trimmed columns; and prompts shared too
+        # trimmed columns; prompts shared by their rows; their common prefix run once, with and without that
+        for kw in ({}, {"prompt_index": r.prompt_index[rows]}, {"shared_prefix": True},
+                   {"prompt_index": r.prompt_index[rows], "shared_prefix": True}):
             fast, fast_grads = run(rows, completion_logprobs_fast, **kw)
             m = r.completion_mask[rows].bool()
             assert torch.allclose(base[m], fast[m], atol=1e-5)

@@ -130,6 +130,22 @@ def test_micro_batch_split_gives_the_full_batch_gradient():
     assert losses[4] == pytest.approx(validation_loss(tiny_policy(), EXAMPLES, batch_size=3), rel=1e-5)
 
 
+def test_the_fast_scorer_gives_the_reference_loss_and_gradient_with_a_common_prefix():
+    # prompts that start alike (a template's system message and worked example), of ragged lengths
+    common = [30, 31, 32, 33]
+    examples = [SFTExample(common + e.prompt_ids, e.completion_ids) for e in EXAMPLES]
+    results = {}
+    for scorer in ("reference", "fast"):
+        policy = tiny_policy()
+        policy.model.train()
+        loss, _ = accumulate_sft_gradients(policy, examples, micro_batch_size=4, logprobs=scorer)
+        grads = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+        results[scorer] = loss, grads, validation_loss(tiny_policy(), examples, batch_size=4, logprobs=scorer)
+    assert results["fast"][0] == pytest.approx(results["reference"][0], rel=1e-5)
+    torch.testing.assert_close(results["fast"][1], results["reference"][1], rtol=1e-4, atol=1e-6)
+    assert results["fast"][2] == pytest.approx(results["reference"][2], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Short runs on a tiny random model with the default tokenizer
 # ----------------------------------------------------------------------------------------------------

@@ -35,29 +35,36 @@ def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) ->
     return int(differs[0]) if len(differs) else limit
 
 
-def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache,
-            share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompts (B, P) into `cache` (a Hugging Face DynamicCache). Returns the next-token logits (B, V)
-    and the cache's column mask (B, P): the prompt mask itself, or, where a prefix was shared, the
-    [prefix | padding | own tokens] layout's."""
-    keyword = cache_keyword(model)
+def run_shared_prefix(forward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache,
+                      share: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prefill the prompts' (B, P) common prefix into `cache` (a Hugging Face DynamicCache) once and broadcast
+    it to the B rows. `forward`: the model or its body. Returns what the next forward must run: each prompt's
+    remaining tokens (B, S), left-padded; the mask of the cache's columns once they have run (B, P); and the
+    prefix length P0 (0: nothing shared, the prompts themselves and their mask come back). Autograd sums the
+    B rows' gradients into the one prefix."""
     B, P = prompt_ids.shape
-    P0 = shared_prefix_length(prompt_ids, prompt_mask) if share_prefix and B > 1 else 0
+    P0 = shared_prefix_length(prompt_ids, prompt_mask) if share and B > 1 else 0
     if P0 == 0:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                    use_cache=True, logits_to_keep=1, **{keyword: cache})
-        return out.logits[:, -1, :], prompt_mask  # (B, V), (B, P)
-
+        return prompt_ids, prompt_mask, 0
     lengths = prompt_mask.sum(-1).tolist()
-    first = prompt_ids[0, P - lengths[0]:][:P0]  # (P0,) the shared tokens
+    prefix = prompt_ids[:1, P - lengths[0]:P - lengths[0] + P0]  # (1, P0) the shared tokens
     positions = torch.arange(P0, device=prompt_ids.device)[None]  # (1, P0)
-    model(input_ids=first[None], position_ids=positions, use_cache=True, logits_to_keep=1, **{keyword: cache})
+    forward(input_ids=prefix, position_ids=positions, use_cache=True, **{cache_keyword(forward): cache})
     for layer in cache.layers:  # one row's keys/values, read by all B (the next forward concatenates)
         layer.keys = layer.keys.expand(B, -1, -1, -1)  # (1, h, P0, d) -> (B, h, P0, d)
         layer.values = layer.values.expand(B, -1, -1, -1)
     own = [prompt_ids[b, P - n + P0:].tolist() for b, n in enumerate(lengths)]
     own_ids, own_mask = left_pad(own, pad_id=int(prompt_ids[0, 0]), device=prompt_ids.device)  # (B, S) each
     cache_mask = torch.cat([prompt_mask.new_ones(B, P0), own_mask.to(prompt_mask.dtype)], dim=1)  # (B, P)
-    out = model(input_ids=own_ids, attention_mask=cache_mask, position_ids=positions_from_mask(cache_mask)[:, P0:],
-                use_cache=True, logits_to_keep=1, **{keyword: cache})
+    return own_ids, cache_mask, P0
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache,
+            share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompts (B, P) into `cache` (a Hugging Face DynamicCache). Returns the next-token logits (B, V)
+    and the cache's column mask (B, P): the prompt mask itself, or, where a prefix was shared, the
+    [prefix | padding | own tokens] layout's."""
+    ids, cache_mask, P0 = run_shared_prefix(model, prompt_ids, prompt_mask, cache, share_prefix)  # (B, S), (B, P)
+    out = model(input_ids=ids, attention_mask=cache_mask, position_ids=positions_from_mask(cache_mask)[:, P0:],
+                use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     return out.logits[:, -1, :], cache_mask  # (B, V), (B, P)
