@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class ColdStartConfig:
     """The traces file (one line per example; reused and resumed if it exists)."""
     n_examples: int = 64
     """How many training examples to write traces for (the paper used ~1,000)."""
+    spread: bool = False
+    """Draw the n_examples at random from the whole training split (seeded by run.seed) instead of taking the
+    first n: a prepared split lists each item's reviews together, so its first rows cover few items."""
     samples_per_example: int = 4
     """Self-teacher: answers sampled per example (the best one is kept)."""
     batch_examples: int = 4
@@ -203,7 +207,13 @@ def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
 
 def write_traces(cfg: ReconeConfig) -> tuple[Path, dict]:
     out = Path(cfg.coldstart.out)
-    task_examples = RecTask(cfg.task, tokenizer=None).examples("train")[: cfg.coldstart.n_examples]
+    task_examples = RecTask(cfg.task, tokenizer=None).examples("train")
+    if cfg.coldstart.spread:
+        picked = sorted(random.Random(cfg.run.seed).sample(range(len(task_examples)),
+                                                           min(cfg.coldstart.n_examples, len(task_examples))))
+        task_examples = [task_examples[i] for i in picked]
+    else:
+        task_examples = task_examples[: cfg.coldstart.n_examples]
     if cfg.coldstart.teacher == "self":
         stats = self_traces(cfg, task_examples, out)
     elif cfg.coldstart.teacher == "rules":

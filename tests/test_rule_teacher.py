@@ -22,12 +22,13 @@ def test_a_rule_trace_parses_and_states_the_examples_facts():
     assert parsed.format_ok, (parsed.error, trace)
     assert parsed.rating == rule_rating(4.0, 4.5, 4.2) == 4
     user, item, match = (parsed.sections[name] for name in ("analyze user", "analyze item", "match"))
-    assert "2 items" in user and "4 stars on average, below the usual 4.2" in user
-    assert '"Rumours"' in user and "Kid A" not in user  # liked is >= 4 stars; 3 stars is neither
+    assert "2 ratings, mean 4." in user
+    assert 'Liked: "Rumours" (5).' in user and "Kid A" not in user  # liked is >= 4 stars; 3 stars is neither
+    assert "Disliked: none." in user
     assert "Pop" in user and "CDs & Vinyl" not in user  # the liked items' category, without the generic ones
-    assert '"Item-1" (World Music)' in item and "2 earlier reviewers gave it 4.5 stars" in item
-    assert "[pos] a 5-star review: Joyful" in item and "[neg] a 4-star review: Great melodies" in item
-    assert "no category" in match and "4 + 4.5 - 4.2: about 4 stars" in match
+    assert '"Item-1" (World Music): 2 earlier reviews, mean 4.5.' in item
+    assert "Best (5): Joyful." in item and "Worst (4): Great melodies." in item
+    assert "Shared genres: none." in match and "4 + 4.5 - 4.2 = 4.3, about 4." in match
     assert check_trace(trace, ex, tolerance=0.0)[0]  # rule 4 = label 4: kept
     assert not check_trace(rule_trace(make_example(2, rating=1.0), 4.2), make_example(2, rating=1.0))[0]
 
@@ -38,7 +39,7 @@ def test_traces_differ_with_the_data():
     b["item_history"] = []
     b["item_avg_rating"] = None
     ta, tb = rule_trace(a, 4.2), rule_trace(b, 4.2)
-    assert ta != tb and 'disliked "Kid A"' in tb and "no earlier reviews" in tb
+    assert ta != tb and 'Disliked: "Kid A" (1)' in tb and "no earlier reviews" in tb
     assert parse_completion(tb, template="tbr").format_ok
 
 
@@ -62,3 +63,10 @@ def test_coldstart_rules_teacher_writes_kept_and_rejected_traces(tmp_path, data_
     assert all(r["source"] == "rules" and not r["completion"].startswith("<analyze user>") for r in records)
     pairs = sft_pairs(path, RecTask(cfg.task, default_tokenizer))
     assert len(pairs) == stats["kept"] and all(p.endswith("</rate>") for _, p in pairs)
+    # coldstart.spread: n examples drawn from the whole split (seeded), not its first n
+    first = [r["example_id"] for r in records]
+    cfg.coldstart.n_examples = 10
+    cfg.coldstart.spread = True
+    spread = [[json.loads(line)["example_id"] for line in write_traces(cfg)[0].read_text().splitlines()]
+              for _ in range(2)]
+    assert spread[0] == spread[1] and len(spread[0]) == 10 and spread[0] != first[:10]
