@@ -16,6 +16,11 @@ reasoning about the user, whatever its rating error. Definitions (used by `exper
   one-shot example's answer, when the template shows one), each separately; the answer's copy share is the
   largest of these shares, and the answer is *copied* when that share is > 0.30 (strictly more than 30%).
 - copy rate: copied answers / all answers (answers without 6-grams count in the denominator, as not copied).
+- copy rate among unrelated answers (`related`): the same, where B ranges only over answers about another
+  user and another item (and the demonstrations). A model that reasons from the data says the same true
+  things about an item each time it meets it; the test splits meet most items and users more than once
+  (Amazon music: 367 rows, 205 items, 181 users), so the first rate counts those as copies and this one
+  does not.
 
 Efficient: one dict from 6-gram to the ids of the texts that contain it; for each answer the overlaps with all
 other texts at once are a `np.bincount` of the ids found under its 6-grams, so the work grows with the number
@@ -24,7 +29,7 @@ of shared 6-grams, not with answers x answers x words.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -50,12 +55,13 @@ def ngrams(text: str, n: int = N) -> set[str]:
     return {" ".join(w[k:k + n]) for k in range(len(w) - n + 1)}
 
 
-def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (),
-                n: int = N) -> list[tuple[float, str | None]]:
+def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (), n: int = N,
+                related: Sequence[Iterable[str]] | None = None) -> list[tuple[float, str | None]]:
     """Per answer: (largest share of its n-grams found in one other text, that text) where the text is
     "answer <j>" (another answer, 0-based) or "demonstration <k>"; (0.0, None) when it shares nothing or has
     no n-grams. The texts are compared as given: pass `reasoning_text(...)` of answers to follow the module's
-    definition."""
+    definition. `related`: per answer, labels (e.g. "user:<id>", "item:<id>"); two answers with a label in
+    common are not compared (answers about the same item may rightly say the same things about it)."""
     grams = [ngrams(a, n) for a in answers]
     demo_grams = [ngrams(d, n) for d in demonstrations]
     n_answers = len(grams)
@@ -65,6 +71,10 @@ def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (),
             index.setdefault(g, []).append(doc)
     postings = {g: np.asarray(ids, dtype=np.int64) for g, ids in index.items() if len(ids) > 1}
     total = n_answers + len(demo_grams)
+    by_label: dict[str, list[int]] = {}  # label -> the answers that carry it
+    for doc, labels in enumerate(related or []):
+        for label in labels:
+            by_label.setdefault(label, []).append(doc)
     out = []
     for i, gs in enumerate(grams):
         found = [postings[g] for g in gs if g in postings]
@@ -73,6 +83,8 @@ def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (),
             continue
         counts = np.bincount(np.concatenate(found), minlength=total)
         counts[i] = 0  # not itself
+        if related is not None:
+            counts[[j for label in related[i] for j in by_label[label]]] = 0
         j = int(np.argmax(counts))
         if counts[j] == 0:
             out.append((0.0, None))
@@ -83,14 +95,14 @@ def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (),
 
 
 def copy_rate(answers: Sequence[str], demonstrations: Sequence[str] = (), n: int = N,
-              threshold: float = THRESHOLD) -> dict:
+              threshold: float = THRESHOLD, related: Sequence[Iterable[str]] | None = None) -> dict:
     """The copy rate of model answers (the module's definition: reasoning text, n-grams, share > threshold).
 
     Returns {"copy_rate", "copied" (count), "with_ngrams" (answers long enough to be compared), "shares"
     (per answer), "sources" (per answer: the text it shares most with, or None), "copied_flags"}."""
     texts = [reasoning_text(a) for a in answers]
     demos = [reasoning_text(d) for d in demonstrations]
-    result = copy_shares(texts, demos, n)
+    result = copy_shares(texts, demos, n, related)
     shares = [s for s, _ in result]
     flags = [s > threshold for s in shares]
     with_ngrams = sum(1 for t in texts if len(words(t)) >= n)

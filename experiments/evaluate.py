@@ -16,7 +16,8 @@ by default (--limit N: the first N rows only, for a quick look). Reports:
 - the format-failure rate, the histogram of parsed ratings and their correlation with the labels (a model
   that collapsed to "always 5" shows at a glance), mean completion length and time;
 - the copy rate (experiments.copying): the share of answers whose reasoning shares more than 30% of its word
-  6-grams with another answer of the same evaluation or with the prompt's one-shot demonstration.
+  6-grams with another answer of the same evaluation or with the prompt's one-shot demonstration; and beside
+  it ("copy_u") the same share counted only against answers about another user and another item.
 
 The prompt settings (template, one-shot, prefill, token budget) are read from the run's config.yaml when
 the model is a checkpoint of a run, else from --config (default: experiments/configs/reczero.yaml), so a
@@ -139,12 +140,15 @@ def score_completions(task: RecTask, items, completions: list[str], demos: list[
     metrics = rating_metrics(labels, [r["prediction"] for r in rows], failed, scale)
     scored = scored_predictions(labels, [r["prediction"] for r in rows], failed, scale)
     metrics.update(interval_metrics(scored - np.asarray(labels, dtype=np.float64)))
-    copies = copy_rate([task.answer(c) for c in completions], demos)
+    answers = [task.answer(c) for c in completions]
+    copies = copy_rate(answers, demos)
+    about = [(f"user:{it['example'].get('user_id')}", f"item:{it['example'].get('item_id')}") for it in items]
+    unrelated = copy_rate(answers, demos, related=about)
     metrics.update({"fallback": task.cfg.fallback, "failure_scored_as": "farthest rating from the label",
                     "ci_level": LEVEL, "bootstrap_resamples": RESAMPLES, "bootstrap_seed": SEED,
                     "copy_rate": copies["copy_rate"], "copied": copies["copied"],
                     "copy_comparable": copies["with_ngrams"], "copy_threshold": COPY_THRESHOLD,
-                    "copy_demonstrations": len(demos)})
+                    "copy_demonstrations": len(demos), "copy_rate_unrelated": unrelated["copy_rate"]})
     for row, item, completion, value, share, source in zip(rows, items, completions, scored, copies["shares"],
                                                            copies["sources"]):
         row.update({"id": item["id"], "completion": completion, "scored_as": float(value),
@@ -166,16 +170,17 @@ def _diff(d: dict, stat: str) -> str:
 
 def format_table(model_rows: dict[str, dict], baselines: dict[str, dict]) -> str:
     head = (f"{'model':<34} {'MAE [95% CI]':<24} {'RMSE [95% CI]':<24} {'MAE fb':>7} {'fmt_fail':>8} "
-            f"{'copy':>6} {'corr':>6} {'len':>6}  predicted 1/2/3/4/5")
+            f"{'copy':>6} {'copy_u':>6} {'corr':>6} {'len':>6}  predicted 1/2/3/4/5")
     lines = [head, "-" * len(head)]
     for name, m in baselines.items():
         lines.append(f"{'baseline: ' + name:<34} {_interval(m, 'mae'):<24} {_interval(m, 'rmse'):<24} {'-':>7} "
-                     f"{'-':>8} {'-':>6} {'-':>6} {'-':>6}")
+                     f"{'-':>8} {'-':>6} {'-':>6} {'-':>6} {'-':>6}")
     for name, m in model_rows.items():
         hist = "/".join(str(m.get(f"pred_hist/{r}", 0)) for r in range(1, 6))
         corr = f"{m['corr']:.3f}" if m.get("corr") == m.get("corr") else "nan"
         lines.append(f"{name[-34:]:<34} {_interval(m, 'mae'):<24} {_interval(m, 'rmse'):<24} "
-                     f"{m['mae_fallback']:7.4f} {m['format_fail']:8.3f} {m['copy_rate']:6.3f} {corr:>6} "
+                     f"{m['mae_fallback']:7.4f} {m['format_fail']:8.3f} {m['copy_rate']:6.3f} "
+                     f"{m.get('copy_rate_unrelated', float('nan')):6.3f} {corr:>6} "
                      f"{m['len_mean']:6.1f}  {hist}")
         for base, d in (m.get("vs_baselines") or {}).items():
             lines.append(f"    - {base}: {_diff(d, 'mae')}; {_diff(d, 'rmse')}")
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
           f"from the label, 'MAE fb' as the {failed_note} rating; [..]: {LEVEL:.0%} bootstrap intervals over rows, "
           f"{RESAMPLES} resamples; under each model: model - baseline on the same rows, paired bootstrap; "
           f"copy: answers sharing > {COPY_THRESHOLD:.0%} of their word 6-grams with another answer or the "
-          f"demonstration)")
+          f"demonstration; copy_u: the same, compared only with answers about another user and another item)")
     if args.out:
         record = {"data": args.data, "split": args.split, "n": len(examples),
                   "command": "python -m experiments.evaluate " + " ".join(argv or sys.argv[1:]),

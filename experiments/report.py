@@ -124,7 +124,8 @@ def _metric_row(metrics: dict) -> dict:
     row = {"mae": metrics.get("mae"), "rmse": metrics.get("rmse"), "format_fail": metrics.get("format_fail"),
            "len_mean": metrics.get("len_mean"), "n": metrics.get("n"),
            "mae_fallback": metrics.get("mae_fallback"), "rmse_fallback": metrics.get("rmse_fallback"),
-           "copy_rate": metrics.get("copy_rate"), **{k: metrics.get(k) for k in INTERVAL_KEYS},
+           "copy_rate": metrics.get("copy_rate"), "copy_rate_unrelated": metrics.get("copy_rate_unrelated"),
+           **{k: metrics.get(k) for k in INTERVAL_KEYS},
            "vs_baselines_mae": _verdicts(metrics.get("vs_baselines"), "mae"),
            "vs_baselines_rmse": _verdicts(metrics.get("vs_baselines"), "rmse")}
     row["mae_ci"], row["rmse_ci"] = _interval_text(row, "mae"), _interval_text(row, "rmse")
@@ -233,14 +234,14 @@ COLUMNS = [
     Column("steps", "steps"), Column("mae", "MAE", ".4f"), Column("mae_ci", "MAE 95% CI"),
     Column("rmse", "RMSE", ".4f"), Column("rmse_ci", "RMSE 95% CI"), Column("mae_fallback", "MAE (fallback)", ".4f"),
     Column("format_fail", "format failures", ".3f"), Column("failures_scored_as", "failures scored as"),
-    Column("copy_rate", "copy rate", ".3f"),
+    Column("copy_rate", "copy rate", ".3f"), Column("copy_rate_unrelated", "copy rate (unrelated)", ".3f"),
     Column("vs_baselines_mae", "MAE vs baselines (paired)"),
     Column("len_mean", "tokens / answer", ".1f"), Column("train_time", "training time"),
     Column("paper_mae", "paper MAE", ".4f"), Column("command", "command"),
 ]
 CSV_KEYS = ["dataset", "kind", "name", "split", "n", "steps", "mae", "mae_lo", "mae_hi", "rmse", "rmse_lo", "rmse_hi",
-            "mae_fallback", "rmse_fallback", "format_fail", "failures_scored_as", "copy_rate", "vs_baselines_mae",
-            "vs_baselines_rmse", "len_mean", "train_s", "train_time_source", "paper_mae", "paper_note", "source",
+            "mae_fallback", "rmse_fallback", "format_fail", "failures_scored_as", "copy_rate", "copy_rate_unrelated",
+            "vs_baselines_mae", "vs_baselines_rmse", "len_mean", "train_s", "train_time_source", "paper_mae", "paper_note", "source",
             "command"]
 
 

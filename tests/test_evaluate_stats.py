@@ -163,6 +163,20 @@ def test_copying_the_prompt_demonstration_is_copied():
     assert copy_rate([answer, numbered(1)])["copy_rate"] == 0.0  # without the demonstration: nothing to copy
 
 
+def test_related_answers_are_not_compared_with_each_other():
+    demo = TEMPLATES["tbr"].one_shot_answer
+    # answers 0 and 1 are about the same item, 2 says the same about another item and user, 3 is its own
+    answers = [LONG, LONG, LONG, numbered(3)]
+    about = [("user:a", "item:x"), ("user:b", "item:x"), ("user:c", "item:y"), ("user:d", "item:z")]
+    assert copy_rate(answers, related=about)["copied_flags"] == [True, True, True, False]  # 0, 1 copy 2
+    about[2] = ("user:c", "item:x")  # now all three are about item x: none is compared with another
+    assert copy_rate(answers, related=about)["copied_flags"] == [False, False, False, False]
+    assert copy_rate(answers)["copied_flags"] == [True, True, True, False]  # without labels: all compared
+    # the demonstration is compared whatever the labels
+    answer = demo.replace("<rate> 4 </rate>", "<rate> 5 </rate>")
+    assert copy_rate([answer, answer], [demo], related=[("item:x",), ("item:x",)])["copy_rate"] == 1.0
+
+
 def test_answers_shorter_than_six_words_are_not_copied():
     r = copy_rate(["<analyze user> likes rock a lot </analyze user><rate> 4 </rate>"] * 10)
     assert r["copy_rate"] == 0.0 and r["with_ngrams"] == 0
