@@ -73,7 +73,8 @@ class SFTConfig:
               warmup_steps=(self.warmup_steps >= 0, f"must be >= 0, got {self.warmup_steps}"),
               max_grad_norm=(self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}"),
               patience=(self.patience >= 0, f"must be >= 0, got {self.patience}"),
-              max_completion_tokens=(self.max_completion_tokens >= 1, f"must be >= 1, got {self.max_completion_tokens}"),
+              max_completion_tokens=(self.max_completion_tokens >= 1,
+                                     f"must be >= 1, got {self.max_completion_tokens}"),
               logprobs=(self.logprobs in ("reference", "fast"), f"must be reference or fast, got {self.logprobs!r}"))
 
 

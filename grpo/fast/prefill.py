@@ -4,8 +4,8 @@ Shapes: B prompts, P (left-padded) prompt length, P0 shared prefix length, S = P
 
 A batch of this project's prompts shares most of its tokens: the system message and the worked example come
 before anything about the user (677 of ~1,030 tokens on the Amazon music sample with the default template).
-Prefilling them once instead of B times takes most of the prefill's work away, and the prefill is about half
-of a greedy evaluation's time on a CPU. The keys and values of the prefix are the same for every prompt (the
+Prefilling them once instead of B times takes most of the prefill's work away, and the prefill is about
+two thirds of a greedy evaluation's time on a CPU. The keys and values of the prefix are the same for every prompt (the
 same tokens at the same positions 0..P0-1), so they are computed for one row and broadcast to B.
 
 The cache this leaves is laid out [prefix | padding | own tokens]: each prompt's padding sits between the
