@@ -241,8 +241,8 @@ COLUMNS = [
 ]
 CSV_KEYS = ["dataset", "kind", "name", "split", "n", "steps", "mae", "mae_lo", "mae_hi", "rmse", "rmse_lo", "rmse_hi",
             "mae_fallback", "rmse_fallback", "format_fail", "failures_scored_as", "copy_rate", "copy_rate_unrelated",
-            "vs_baselines_mae", "vs_baselines_rmse", "len_mean", "train_s", "train_time_source", "paper_mae", "paper_note",
-            "source", "command"]
+            "vs_baselines_mae", "vs_baselines_rmse", "len_mean", "train_s", "train_time_source", "paper_mae",
+            "paper_note", "source", "command"]
 
 
 def collect(runs_root: Path, data_dirs: list[Path], evals: list[Path]) -> tuple[list[dict], list[str]]:
