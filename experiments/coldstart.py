@@ -53,6 +53,9 @@ class ColdStartConfig:
     """Self-teacher: examples per sampling batch."""
     tolerance: float = 0.0
     """Keep a trace only if |rating - label| <= tolerance."""
+    quotes: bool = True
+    """Rule teacher: quote the summaries of the item's best and worst earlier reviews (True) or state only
+    their ratings (False; experiments/rule_teacher.py)."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -195,7 +198,7 @@ def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for ex in examples:
-            text = rule_trace(ex, global_mean)
+            text = rule_trace(ex, global_mean, quotes=cfg.coldstart.quotes)
             kept, why, _ = check_trace(text, ex, tolerance=cfg.coldstart.tolerance, template=cfg.task.template)
             stats["kept" if kept else f"rejected_{why.split(':')[0].replace('wrong_', '')}"] += 1
             completion = text[len(prefill):] if text.startswith(prefill) else text

@@ -7,8 +7,10 @@ plain statements of what the prompt shows:
 - analyze user: how many items the user rated and how generously (their average against the training
   split's mean); two titles they rated highest and two lowest, with their ratings; the categories their
   liked items share.
-- analyze item: the item's title and categories, its earlier reviewers' count and average, the summaries of
-  its best- and worst-rated earlier reviews.
+- analyze item: the item's title and categories, its earlier reviewers' count and average, and either the
+  summaries of its best- and worst-rated earlier reviews (`quotes=True`) or only their ratings
+  (`quotes=False`: a 135M student decoding greedily fell into loops such as "Best (5): Best (5): ..." on
+  8% of test rows when it had to reproduce a quote; see docs/results.md).
 - match: which of the item's categories the user's liked items have, and the arithmetic of the rating
   (user average + item average - the usual rating).
 
@@ -70,8 +72,9 @@ def _rated(entries: Sequence[dict]) -> str:
     return ", ".join(f'"{_title(e)}" ({_stars(float(e["rating"]))})' for e in entries) or "none"
 
 
-def rule_trace(example: dict, global_mean: float) -> str:
-    """The four-step answer for one example (tbr template tags), every statement read off the example."""
+def rule_trace(example: dict, global_mean: float, quotes: bool = True) -> str:
+    """The four-step answer for one example (tbr template tags), every statement read off the example;
+    `quotes` chooses between quoting the best and worst earlier reviews and stating only their ratings."""
     history = example.get("user_history") or []
     reviews = example.get("item_history") or []
     item = example.get("item") or {}
@@ -92,10 +95,14 @@ def rule_trace(example: dict, global_mean: float) -> str:
     if reviews and item_avg is not None:
         best = max(reviews, key=lambda r: float(r["rating"]))
         worst = min(reviews, key=lambda r: float(r["rating"]))
-        about += (f": {len(reviews)} earlier reviews, mean {_stars(item_avg)}. "
-                  f"Best ({_stars(float(best['rating']))}): {_summary(best)}.")
-        if float(worst["rating"]) < float(best["rating"]):
-            about += f" Worst ({_stars(float(worst['rating']))}): {_summary(worst)}."
+        about += f": {len(reviews)} earlier reviews, mean {_stars(item_avg)}"
+        hi, lo = _stars(float(best["rating"])), _stars(float(worst["rating"]))
+        if not quotes:
+            about += f", from {lo} to {hi}." if lo != hi else f", all {hi}."
+        else:
+            about += f". Best ({hi}): {_summary(best)}."
+            if float(worst["rating"]) < float(best["rating"]):
+                about += f" Worst ({lo}): {_summary(worst)}."
     else:
         about += ": no earlier reviews."
 

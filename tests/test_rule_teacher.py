@@ -33,6 +33,14 @@ def test_a_rule_trace_parses_and_states_the_examples_facts():
     assert not check_trace(rule_trace(make_example(2, rating=1.0), 4.2), make_example(2, rating=1.0))[0]
 
 
+def test_without_quotes_the_item_line_states_only_the_reviews_ratings():
+    ex = make_example(1, rating=4.0)
+    item = parse_completion(rule_trace(ex, 4.2, quotes=False), template="tbr").sections["analyze item"]
+    assert item.strip() == '"Item-1" (World Music): 2 earlier reviews, mean 4.5, from 4 to 5.'
+    ex["item_history"][1]["rating"] = 5.0
+    assert "mean 4.5, all 5." in rule_trace(ex, 4.2, quotes=False)
+
+
 def test_traces_differ_with_the_data():
     a, b = make_example(1), make_example(2)
     b["user_history"][1]["rating"] = 1.0  # now a dislike
@@ -70,3 +78,8 @@ def test_coldstart_rules_teacher_writes_kept_and_rejected_traces(tmp_path, data_
     spread = [[json.loads(line)["example_id"] for line in write_traces(cfg)[0].read_text().splitlines()]
               for _ in range(2)]
     assert spread[0] == spread[1] and len(spread[0]) == 10 and spread[0] != first[:10]
+    # coldstart.quotes=false: the same examples, the item's line without review words
+    assert any("Best (" in r["completion"] for r in records)
+    cfg.coldstart.quotes = False
+    plain = [json.loads(line)["completion"] for line in write_traces(cfg)[0].read_text().splitlines()]
+    assert len(plain) == 10 and not any("Best (" in c for c in plain)
