@@ -101,7 +101,7 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True) -> str:
             about += f", from {lo} to {hi}." if lo != hi else f", all {hi}."
         else:
             about += f". Best ({hi}): {_summary(best)}."
-            if float(worst["rating"]) < float(best["rating"]):
+            if lo != hi:
                 about += f" Worst ({lo}): {_summary(worst)}."
     else:
         about += ": no earlier reviews."
