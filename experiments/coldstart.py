@@ -56,6 +56,12 @@ class ColdStartConfig:
     quotes: bool = True
     """Rule teacher: quote the summaries of the item's best and worst earlier reviews (True) or state only
     their ratings (False; experiments/rule_teacher.py)."""
+    shrink: float = 0.0
+    """Rule teacher: ratings at the training mean added to the user's and the item's average before the
+    bias rule (0: the plain averages; experiments/rule_teacher.py)."""
+    stepwise: bool = False
+    """Rule teacher: write the rating's arithmetic as two one-operation steps (the user's offset from the
+    usual rating, then the item's mean plus that offset) instead of one three-term sum."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -189,16 +195,24 @@ def self_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
     return stats
 
 
-def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
-    """Traces written by rule from each example's data (experiments/rule_teacher.py); the file is rewritten."""
+def rule_teacher(cfg: ReconeConfig):
+    """example -> its rule trace with the run's coldstart settings (experiments/rule_teacher.py); the usual
+    rating the rule subtracts is the mean of the training split's labels."""
     train = RecTask(cfg.task, tokenizer=None).examples("train")
     global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
+    c = cfg.coldstart
+    return lambda ex: rule_trace(ex, global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise)
+
+
+def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:
+    """Traces written by rule from each example's data (experiments/rule_teacher.py); the file is rewritten."""
+    teacher = rule_teacher(cfg)
     stats = {"requested": len(examples), "kept": 0, "rejected_rating": 0, "rejected_format": 0}
     prefill = cfg.task.prefill
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for ex in examples:
-            text = rule_trace(ex, global_mean, quotes=cfg.coldstart.quotes)
+            text = teacher(ex)
             kept, why, _ = check_trace(text, ex, tolerance=cfg.coldstart.tolerance, template=cfg.task.template)
             stats["kept" if kept else f"rejected_{why.split(':')[0].replace('wrong_', '')}"] += 1
             completion = text[len(prefill):] if text.startswith(prefill) else text

@@ -19,8 +19,10 @@ words holds a title, a number or a quote of this example. Prose with a fixed ske
 items, X stars on average, below the usual ...") made 96% of 256 traces share over 30% of their word 6-grams
 with another trace, which is the evaluation's definition of a copied answer (experiments/copying.py).
 - rate: the bias rule, user average + item average - the split's mean, rounded to a whole star and kept
-  on the scale: the user+item bias baseline without shrinkage, computed from the two averages the prompt
-  states (so the student can learn to read them, and GRPO can then learn to do better than the rule).
+  on the scale: the user+item bias baseline computed from the two averages the prompt states (so the student
+  can learn to read them, and GRPO can then learn to do better than the rule). With `shrink` = k each average
+  first gets k ratings at the split's mean added, so that a user with two ratings moves the guess less than
+  one with forty (`coldstart.shrink`; docs/results.md has the rule's own scores for each k).
 
 Every number and title in a trace is a fact of the example; only the rating is a guess, and `coldstart`
 keeps a trace only when that guess is within `coldstart.tolerance` of the label. Traces are kept short
@@ -29,6 +31,7 @@ would never reach its rating (`experiments.recone` drops pairs that do not fit).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Sequence
 
@@ -59,22 +62,57 @@ def _summary(entry: dict) -> str:
     return text[:SUMMARY_CHARS].rstrip() or "no words given"
 
 
+def shrunk(avg: float | None, count: int, global_mean: float, shrink: float) -> float:
+    """An average with `shrink` extra ratings at the global mean mixed in: (count * avg + shrink * mean) /
+    (count + shrink). An average of two ratings says less than one of forty; this pulls the thin ones toward
+    the usual rating. A missing average is the global mean (no evidence either way)."""
+    if avg is None:
+        return global_mean
+    if shrink <= 0:
+        return float(avg)
+    return (count * float(avg) + shrink * global_mean) / (count + shrink)
+
+
+def whole_star(x: float, scale: Sequence[float]) -> int:
+    """x rounded half up (4.5 -> 5, as a reader rounds; Python's round() gives 4) and kept on the scale."""
+    return int(min(max(math.floor(x + 0.5), scale[0]), scale[1]))
+
+
 def rule_rating(user_avg: float | None, item_avg: float | None, global_mean: float,
-                scale: tuple[float, float] = (1.0, 5.0)) -> int:
-    """user average + item average - global mean, rounded to a whole star and clipped to the scale; a missing
-    average counts as the global mean (no evidence either way)."""
-    u = global_mean if user_avg is None else float(user_avg)
-    i = global_mean if item_avg is None else float(item_avg)
-    return int(min(max(round(u + i - global_mean), scale[0]), scale[1]))
+                scale: tuple[float, float] = (1.0, 5.0), n_user: int = 0, n_item: int = 0,
+                shrink: float = 0.0) -> int:
+    """user average + item average - global mean, rounded to a whole star and clipped to the scale; with
+    `shrink` > 0 each average first gets `shrink` ratings at the global mean added (n_user / n_item: how many
+    ratings each average is over)."""
+    u = shrunk(user_avg, n_user, global_mean, shrink)
+    i = shrunk(item_avg, n_item, global_mean, shrink)
+    return whole_star(u + i - global_mean, scale)
 
 
 def _rated(entries: Sequence[dict]) -> str:
     return ", ".join(f'"{_title(e)}" ({_stars(float(e["rating"]))})' for e in entries) or "none"
 
 
-def rule_trace(example: dict, global_mean: float, quotes: bool = True) -> str:
+def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float]) -> tuple[str, int]:
+    """The bias rule as two one-operation steps on the one-decimal numbers shown, each exact as written:
+    "User 4.2 - 4.5 = -0.3. Item 3.9 - 0.3 = 3.6, about 4." A 135M student taught the three-term sum
+    "4.2 + 3.9 - 4.5 = 3.6" got it right in about one answer in five (docs/results.md); one operation at a
+    time is the usual way to make arithmetic learnable for a small model. Returns the text and its rating."""
+    us, its, gs = round(u, 1), round(i, 1), round(global_mean, 1)
+    offset = round(us - gs, 1)
+    total = round(its + offset, 1)
+    rating = whole_star(total, scale)
+    sign = "-" if offset < 0 else "+"
+    return (f"User {_stars(us)} - {_stars(gs)} = {_stars(offset)}. "
+            f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}, about {rating}."), rating
+
+
+def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
+               stepwise: bool = False) -> str:
     """The four-step answer for one example (tbr template tags), every statement read off the example;
-    `quotes` chooses between quoting the best and worst earlier reviews and stating only their ratings."""
+    `quotes` chooses between quoting the best and worst earlier reviews and stating only their ratings;
+    `shrink` is how many ratings at the global mean the match step adds to each average (see `shrunk`);
+    `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`)."""
     history = example.get("user_history") or []
     reviews = example.get("item_history") or []
     item = example.get("item") or {}
@@ -107,10 +145,52 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True) -> str:
         about += ": no earlier reviews."
 
     shared = [c for c in item_categories if c in liked_categories]
-    rating = rule_rating(user_avg, item_avg, global_mean, scale)
-    u = global_mean if user_avg is None else float(user_avg)
-    i = global_mean if item_avg is None else float(item_avg)
-    match = (f"Shared genres: {', '.join(shared[:2]) or 'none'}. "
-             f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, about {rating}.")
+    rating = rule_rating(user_avg, item_avg, global_mean, scale, len(history), len(reviews), shrink)
+    u = shrunk(user_avg, len(history), global_mean, shrink)
+    i = shrunk(item_avg, len(reviews), global_mean, shrink)
+    match = f"Shared genres: {', '.join(shared[:2]) or 'none'}. "
+    if shrink:
+        match += f"With {_stars(shrink)} usual {_stars(global_mean)} added: user {_stars(u)}, item {_stars(i)}. "
+    if stepwise:
+        steps, rating = _offset_steps(u, i, global_mean, scale)
+        match += steps
+    else:
+        match += f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, about {rating}."
     return (f"<analyze user>\n{user}\n</analyze user>\n<analyze item>\n{about}\n"
             f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {rating} </rate>")
+
+
+def main(argv=None) -> int:
+    """The rule's own scores on a split: what a student that copied its teacher perfectly would score."""
+    import argparse
+
+    import numpy as np
+
+    from experiments.baselines import load_splits
+    from experiments.stats import bootstrap_ci
+    from prompts import parse_completion
+
+    parser = argparse.ArgumentParser(description="Score the rule teacher's ratings on a prepared split: "
+                                     "python -m experiments.rule_teacher --data data/amazon-music --split val")
+    parser.add_argument("--data", required=True, help="a prepared data folder (train/val/test.jsonl)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--shrink", type=float, nargs="+", default=[0.0], help="one or more values of coldstart.shrink")
+    parser.add_argument("--stepwise", action="store_true", help="coldstart.stepwise")
+    args = parser.parse_args(argv)
+    splits = load_splits(args.data)
+    global_mean = float(np.mean([float(ex["rating"]) for ex in splits["train"]]))
+    rows = splits[args.split]
+    labels = np.array([float(ex["rating"]) for ex in rows])  # (n,)
+    print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
+    for shrink in args.shrink:
+        rated = np.array([parse_completion(rule_trace(ex, global_mean, shrink=shrink, stepwise=args.stepwise),
+                                           template="tbr").rating for ex in rows])  # (n,)
+        mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
+        hist = "/".join(str(int((rated == r).sum())) for r in range(1, 6))
+        print(f"shrink {shrink:g}{' stepwise' if args.stepwise else ''}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"
+              f"  RMSE {rmse[0]:.4f} [{rmse[1]:.4f}, {rmse[2]:.4f}]  rated 1/2/3/4/5: {hist}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

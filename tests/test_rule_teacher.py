@@ -1,7 +1,7 @@
 """The rule-based cold-start teacher: traces that parse, state the example's own facts, and rate by the bias rule."""
 import json
 
-from experiments.rule_teacher import rule_rating, rule_trace
+from experiments.rule_teacher import rule_rating, rule_trace, shrunk
 from experiments.teacher import check_trace
 from prompts import parse_completion
 from test_teacher import make_example
@@ -13,6 +13,32 @@ def test_rule_rating_is_the_unshrunk_bias_model_rounded_and_clipped():
     assert rule_rating(1.5, 2.0, 4.0) == 1  # -0.5, clipped
     assert rule_rating(None, 3.0, 4.0) == 3  # no user average: the global mean stands in for it
     assert rule_rating(None, None, 3.6) == 4
+
+
+def test_shrinking_pulls_thin_averages_toward_the_global_mean():
+    assert shrunk(3.0, 1, 4.5, 1.0) == 3.75  # one rating of 3 and one usual 4.5
+    assert abs(shrunk(3.0, 40, 4.5, 1.0) - 3.0366) < 1e-3  # forty ratings barely move
+    assert shrunk(3.0, 1, 4.5, 0.0) == 3.0 and shrunk(None, 5, 4.5, 1.0) == 4.5
+    # user 2.0 over 1 rating, item 4.0 over 1 review, mean 4.5: plain rule 1.5 -> 2; shrunk 3.25 + 4.25 - 4.5 = 3
+    assert rule_rating(2.0, 4.0, 4.5) == 2
+    assert rule_rating(2.0, 4.0, 4.5, n_user=1, n_item=1, shrink=1.0) == 3
+
+
+def test_a_shrunk_rule_trace_shows_its_arithmetic():
+    ex = make_example(1, rating=4.0)  # user: 2 ratings, mean 4; item: 2 reviews, mean 4.5
+    match = parse_completion(rule_trace(ex, 4.2, shrink=1.0), template="tbr").sections["match"]
+    assert "With 1 usual 4.2 added: user 4.1, item 4.4. 4.1 + 4.4 - 4.2 = 4.3, about 4." in match
+    assert "added" not in rule_trace(ex, 4.2)  # shrink 0 writes the plain arithmetic
+
+
+def test_stepwise_arithmetic_is_exact_as_written():
+    ex = make_example(1, rating=4.0)  # user mean 4, item mean 4.5
+    trace = rule_trace(ex, 4.2, stepwise=True)
+    match = parse_completion(trace, template="tbr").sections["match"]
+    assert "User 4 - 4.2 = -0.2. Item 4.5 - 0.2 = 4.3, about 4." in match
+    assert parse_completion(trace, template="tbr").rating == 4
+    ex["user_avg_rating"] = 5.0
+    assert "User 5 - 4.2 = 0.8. Item 4.5 + 0.8 = 5.3, about 5." in rule_trace(ex, 4.2, stepwise=True)
 
 
 def test_a_rule_trace_parses_and_states_the_examples_facts():
@@ -83,3 +109,51 @@ def test_coldstart_rules_teacher_writes_kept_and_rejected_traces(tmp_path, data_
     cfg.coldstart.quotes = False
     plain = [json.loads(line)["completion"] for line in write_traces(cfg)[0].read_text().splitlines()]
     assert len(plain) == 10 and not any("Best (" in c for c in plain)
+
+
+def test_rule_fidelity_counts_where_an_answer_departs_from_its_trace():
+    from experiments.rule_fidelity import arithmetic, fidelity
+
+    assert arithmetic("... 4 + 4.5 - 4.2 = 4.3, about 4.") == (True, 4.3, 4)
+    assert arithmetic("... 4 + 4.5 - 4.2 = 5.3, about 5.") == (False, 5.3, 5)
+    assert arithmetic("User 4 - 4.2 = -0.2. Item 4.5 - 0.2 = 4.3, about 4.") == (True, 4.3, 4)
+    assert arithmetic("User 4 - 4.2 = 0.2. Item 4.5 + 0.2 = 4.7, about 5.")[0] is False  # wrong sign
+    assert arithmetic("no arithmetic here") is None
+
+    ex = make_example(1, rating=4.0)
+    trace = rule_trace(ex, 4.2, quotes=False)  # 2 ratings, mean 4; 2 reviews, mean 4.5; 4 + 4.5 - 4.2 = 4.3 -> 4
+    wrong = trace.replace("2 earlier reviews, mean 4.5", "3 earlier reviews, mean 4.5").replace(
+        "4 + 4.5 - 4.2 = 4.3, about 4.", "4 + 4.5 - 4.2 = 5.3, about 5.").replace("<rate> 4 </rate>", "<rate> 5 </rate>")
+    rows = [{"id": "ex1", "format_ok": True, "rating": 4.0, "completion": trace},
+            {"id": "ex1", "format_ok": True, "rating": 5.0, "completion": wrong},
+            {"id": "ex1", "format_ok": False, "rating": None, "completion": "junk"}]
+    f = fidelity(rows, {"ex1": trace}, template="tbr")
+    assert f["n_rows"] == 3 and f["n_parsed"] == 2
+    assert f["rule_rating"] == 0.5 and f["user_count"] == 1.0 and f["user_mean"] == 1.0
+    assert f["item_count"] == 0.5 and f["item_mean"] == 1.0
+    assert f["arithmetic_written"] == 1.0 and f["arithmetic_exact"] == 0.5
+    assert f["rates_own_arithmetic"] == 1.0  # the wrong answer still rates what it computed (5.3 -> 5)
+
+
+def test_a_half_star_rounds_up_as_a_reader_rounds():
+    ex = make_example(1, rating=4.0)
+    ex["user_avg_rating"] = 4.5  # 4.5 - 4 = 0.5; item 4.5 + 0.5 = 5 ... and with item 4: 4 + 0.5 = 4.5 -> 5
+    ex["item_avg_rating"] = 4.0
+    trace = rule_trace(ex, 4.0, stepwise=True)
+    assert "Item 4 + 0.5 = 4.5, about 5." in trace and trace.endswith("<rate> 5 </rate>")
+    assert rule_rating(4.5, 4.0, 4.0) == 5 and rule_rating(3.5, 4.0, 4.0) == 4  # never half-to-even
+
+
+def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
+    from experiments.rule_teacher import main
+
+    rows = [make_example(k, rating=r) for k, r in enumerate([5.0, 4.0, 1.0], start=1)]
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data", str(tmp_path), "--split", "val", "--shrink", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    # training mean 10/3; every row: user 4, item 4.5 -> 4 + 4.5 - 3.33 = 5.17 -> 5 (errors 0, 1, 4)
+    assert "3 rows, training mean 3.3333" in out
+    assert "shrink 0: MAE 1.6667" in out and "rated 1/2/3/4/5: 0/0/0/0/3" in out
+    # shrink 1 (2 ratings each): user 3.78, item 4.11 -> 4.56 -> 5 again
+    assert out.count("MAE 1.6667") == 2
