@@ -41,7 +41,8 @@ def arithmetic(text: str) -> tuple[bool, float, int] | None:
     """(every operation exact to one decimal, the total written, the rating written after "about"), or None
     when the answer has neither form of the rule's arithmetic."""
     if m := STEPS.search(text):
-        u, g, offset, i, sign, step, total = (m[k] if k == 5 else float(m[k]) for k in range(1, 8))
+        u, g, offset, i, step, total = (float(m[k]) for k in (1, 2, 3, 4, 6, 7))
+        sign = m[5]
         exact = round(u - g, 1) == offset and abs(step) == abs(offset) and (sign == "-") == (offset < 0) \
             and round(i + offset, 1) == total
         return exact, total, int(m[8])

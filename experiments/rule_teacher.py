@@ -145,17 +145,18 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
         about += ": no earlier reviews."
 
     shared = [c for c in item_categories if c in liked_categories]
-    rating = rule_rating(user_avg, item_avg, global_mean, scale, len(history), len(reviews), shrink)
     u = shrunk(user_avg, len(history), global_mean, shrink)
     i = shrunk(item_avg, len(reviews), global_mean, shrink)
     match = f"Shared genres: {', '.join(shared[:2]) or 'none'}. "
     if shrink:
         match += f"With {_stars(shrink)} usual {_stars(global_mean)} added: user {_stars(u)}, item {_stars(i)}. "
     if stepwise:
-        steps, rating = _offset_steps(u, i, global_mean, scale)
-        match += steps
+        arithmetic, rating = _offset_steps(u, i, global_mean, scale)
     else:
-        match += f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, about {rating}."
+        rating = rule_rating(user_avg, item_avg, global_mean, scale, len(history), len(reviews), shrink)
+        arithmetic = (f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, "
+                      f"about {rating}.")
+    match += arithmetic
     return (f"<analyze user>\n{user}\n</analyze user>\n<analyze item>\n{about}\n"
             f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {rating} </rate>")
 
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
                                      "python -m experiments.rule_teacher --data data/amazon-music --split val")
     parser.add_argument("--data", required=True, help="a prepared data folder (train/val/test.jsonl)")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--shrink", type=float, nargs="+", default=[0.0], help="one or more values of coldstart.shrink")
+    parser.add_argument("--shrink", type=float, nargs="+", default=[0.0],
+                        help="one or more values of coldstart.shrink")
     parser.add_argument("--stepwise", action="store_true", help="coldstart.stepwise")
     args = parser.parse_args(argv)
     splits = load_splits(args.data)
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
                                            template="tbr").rating for ex in rows])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
         hist = "/".join(str(int((rated == r).sum())) for r in range(1, 6))
-        print(f"shrink {shrink:g}{' stepwise' if args.stepwise else ''}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"
+        name = f"shrink {shrink:g}{' stepwise' if args.stepwise else ''}"
+        print(f"{name}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"
               f"  RMSE {rmse[0]:.4f} [{rmse[1]:.4f}, {rmse[2]:.4f}]  rated 1/2/3/4/5: {hist}")
     return 0
 

@@ -122,8 +122,9 @@ def test_rule_fidelity_counts_where_an_answer_departs_from_its_trace():
 
     ex = make_example(1, rating=4.0)
     trace = rule_trace(ex, 4.2, quotes=False)  # 2 ratings, mean 4; 2 reviews, mean 4.5; 4 + 4.5 - 4.2 = 4.3 -> 4
-    wrong = trace.replace("2 earlier reviews, mean 4.5", "3 earlier reviews, mean 4.5").replace(
-        "4 + 4.5 - 4.2 = 4.3, about 4.", "4 + 4.5 - 4.2 = 5.3, about 5.").replace("<rate> 4 </rate>", "<rate> 5 </rate>")
+    wrong = (trace.replace("2 earlier reviews, mean 4.5", "3 earlier reviews, mean 4.5")
+             .replace("4 + 4.5 - 4.2 = 4.3, about 4.", "4 + 4.5 - 4.2 = 5.3, about 5.")
+             .replace("<rate> 4 </rate>", "<rate> 5 </rate>"))
     rows = [{"id": "ex1", "format_ok": True, "rating": 4.0, "completion": trace},
             {"id": "ex1", "format_ok": True, "rating": 5.0, "completion": wrong},
             {"id": "ex1", "format_ok": False, "rating": None, "completion": "junk"}]
