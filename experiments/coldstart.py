@@ -62,6 +62,10 @@ class ColdStartConfig:
     stepwise: bool = False
     """Rule teacher: write the rating's arithmetic as two one-operation steps (the user's offset from the
     usual rating, then the item's mean plus that offset) instead of one three-term sum."""
+    style: str = "counts"
+    """Rule teacher: what the traces state, "counts" (rating and review counts, ranges, genre lists) or
+    "titles" (titles and quoted review summaries, the user's entry closest to the item; fewer shared phrases
+    for a student to copy); experiments/rule_teacher.py."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -201,7 +205,8 @@ def rule_teacher(cfg: ReconeConfig):
     train = RecTask(cfg.task, tokenizer=None).examples("train")
     global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
     c = cfg.coldstart
-    return lambda ex: rule_trace(ex, global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise)
+    return lambda ex: rule_trace(ex, global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise,
+                                 style=c.style)
 
 
 def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:

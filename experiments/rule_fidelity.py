@@ -7,7 +7,8 @@ Reads an `experiments.evaluate --out` file, writes the rule trace (experiments/r
 its rows with the run's coldstart settings (from the run's config.yaml, found from the evaluated
 checkpoint, or --config), and reports over the answers that parsed the share that:
 - give the rule's rating;
-- state the user's rating count and mean, and the item's review count and mean, as the trace does;
+- state the user's rating count and mean, the item's review count and mean, and (style "titles") the user's
+  entry closest to the item, as the trace does ("not stated" for a fact the run's traces never state);
 - write a rating arithmetic that is exact as written (every shown operation computed to one decimal);
 - rate what their own arithmetic rounds to.
 Where the model departs from its teacher tells what to change in the traces: a student that copies the
@@ -30,8 +31,20 @@ from experiments.teacher import example_id
 from prompts import parse_completion
 
 NUMBER = r"-?\d+(?:\.\d+)?"
-USER = re.compile(rf"(\d+) ratings, mean ({NUMBER})")
-ITEM = re.compile(rf"(\d+) earlier reviews, mean ({NUMBER})")
+USER_COUNT = re.compile(r"(\d+) ratings, mean")  # style "counts" only
+ITEM_COUNT = re.compile(r"(\d+) earlier reviews, mean")
+USER_MEAN = re.compile(rf"(?:ratings, mean|^Mean) ({NUMBER})", re.MULTILINE)  # "counts" / "titles"
+ITEM_MEAN = re.compile(rf"(?:earlier reviews, mean|\", mean) ({NUMBER})")
+CLOSEST = re.compile(r'^"(.+?)" \(\d(?:\.\d)?\) is closest', re.MULTILINE)  # style "titles" only
+FACTS = (("user_count", USER_COUNT), ("user_mean", USER_MEAN), ("item_count", ITEM_COUNT),
+         ("item_mean", ITEM_MEAN), ("closest_entry", CLOSEST))
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 SUM = re.compile(rf"({NUMBER}) \+ ({NUMBER}) - ({NUMBER}) = ({NUMBER}), about (\d)")
 STEPS = re.compile(rf"User ({NUMBER}) - ({NUMBER}) = ({NUMBER})\. Item ({NUMBER}) ([+-]) ({NUMBER}) = ({NUMBER}), "
                    rf"about (\d)")
@@ -54,24 +67,28 @@ def arithmetic(text: str) -> tuple[bool, float, int] | None:
 
 def fidelity(rows: list[dict], traces: dict[str, str], template: str) -> dict:
     """Shares over the parsed answers in `rows` (evaluate's per-row records) of each way to follow `traces`
-    (example id -> the rule trace for that row)."""
-    counts = dict.fromkeys(["rule_rating", "user_count", "user_mean", "item_count", "item_mean",
+    (example id -> the rule trace for that row); a fact the traces never state (the counts, in style
+    "titles") is None."""
+    counts = dict.fromkeys(["rule_rating", *(name for name, _ in FACTS),
                             "arithmetic_written", "arithmetic_exact", "rates_own_arithmetic"], 0)
+    stated = dict.fromkeys([name for name, _ in FACTS], False)
     parsed = [r for r in rows if r["format_ok"] and r["id"] in traces]
     for r in parsed:
         trace, answer = traces[r["id"]], r["completion"]
         counts["rule_rating"] += parse_completion(trace, template=template).rating == r["rating"]
-        for pattern, names in ((USER, ("user_count", "user_mean")), (ITEM, ("item_count", "item_mean"))):
-            want, got = pattern.search(trace), pattern.search(answer)
-            for k, name in enumerate(names, start=1):
-                counts[name] += bool(want and got and float(want[k]) == float(got[k]))
+        for name, pattern in FACTS:
+            if want := pattern.search(trace):
+                stated[name] = True
+                got = pattern.search(answer)
+                counts[name] += bool(got and _same(want[1], got[1]))
         if (written := arithmetic(answer)) is not None:
             exact, total, about = written
             counts["arithmetic_written"] += 1
             counts["arithmetic_exact"] += exact
             counts["rates_own_arithmetic"] += about == r["rating"] == whole_star(total, (1, 5))
     n = len(parsed)
-    return {"n_rows": len(rows), "n_parsed": n, **{k: v / n if n else 0.0 for k, v in counts.items()}}
+    return {"n_rows": len(rows), "n_parsed": n,
+            **{k: None if not stated.get(k, True) else v / n if n else 0.0 for k, v in counts.items()}}
 
 
 def main(argv=None) -> int:
@@ -95,8 +112,9 @@ def main(argv=None) -> int:
         traces = {example_id(ex): teacher(ex) for ex in RecTask(cfg.task, tokenizer=None).examples(report["split"])}
         results[model] = fidelity(rows, traces, cfg.task.template)
         print(f"{model} ({report['data']}, {report['split']}):")
-        print("  " + "\n  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
-                                 for k, v in results[model].items()))
+        shown = {k: "not stated" if v is None else f"{v:.3f}" if isinstance(v, float) else v
+                 for k, v in results[model].items()}
+        print("  " + "\n  ".join(f"{k}: {v}" for k, v in shown.items()))
     return 0
 
 

@@ -2,27 +2,39 @@
 
 A model this small, asked to write its own traces, writes text about nobody in particular; an external
 teacher needs a network. This one needs neither. For each training example it writes the four steps as
-plain statements of what the prompt shows:
+plain statements of what the prompt shows, in one of two styles (`coldstart.style`):
 
-- analyze user: how many items the user rated and how generously (their average against the training
-  split's mean); two titles they rated highest and two lowest, with their ratings; the categories their
-  liked items share.
-- analyze item: the item's title and categories, its earlier reviewers' count and average, and either the
-  summaries of its best- and worst-rated earlier reviews (`quotes=True`) or only their ratings
-  (`quotes=False`: a 135M student decoding greedily fell into loops such as "Best (5): Best (5): ..." on
-  8% of test rows when it had to reproduce a quote; see docs/results.md).
-- match: which of the item's categories the user's liked items have, and the arithmetic of the rating
-  (user average + item average - the usual rating).
+- "counts" (the first one):
+  - analyze user: how many items the user rated and how generously (their average); two titles they rated
+    highest and two lowest, with their ratings; the categories their liked items share.
+  - analyze item: the item's title and categories, its earlier reviewers' count and average, and either the
+    summaries of its best- and worst-rated earlier reviews (`quotes=True`) or only their ratings
+    (`quotes=False`: a 135M student decoding greedily fell into loops such as "Best (5): Best (5): ..." on
+    8% of test rows when it had to reproduce a quote; see docs/results.md).
+  - match: which of the item's categories the user's liked items have, then the rating's arithmetic.
+- "titles": only what the prompt spells out. The user's mean and their best and worst titles with ratings;
+  the item's title, mean and (`quotes`) the first words of its best and worst earlier reviews' summaries;
+  for the match, the user's entry sharing most categories with the item, its rating and how many
+  categories they share, then the arithmetic. No counts (the 384-trace "counts" student wrote "1 ratings" on
+  all 367 music test rows, a third of them right: counting a list is beyond it) and no lists of genres,
+  which are the same few words on most answers.
 
-The wording is terse on purpose: few words are the same from trace to trace, so nearly every run of six
-words holds a title, a number or a quote of this example. Prose with a fixed skeleton ("The user rated N
-items, X stars on average, below the usual ...") made 96% of 256 traces share over 30% of their word 6-grams
-with another trace, which is the evaluation's definition of a copied answer (experiments/copying.py).
-- rate: the bias rule, user average + item average - the split's mean, rounded to a whole star and kept
-  on the scale: the user+item bias baseline computed from the two averages the prompt states (so the student
-  can learn to read them, and GRPO can then learn to do better than the rule). With `shrink` = k each average
-  first gets k ratings at the split's mean added, so that a user with two ratings moves the guess less than
-  one with forty (`coldstart.shrink`; docs/results.md has the rule's own scores for each k).
+Both styles rate by the bias rule, user average + item average - the split's mean, rounded to a whole
+star and kept on the scale: the user+item bias baseline computed from the two averages the prompt states
+(so the student can learn to read them, and GRPO can then learn to do better than the rule). With
+`shrink` = k each average first gets k ratings at the split's mean added, so that a user with two ratings
+moves the guess less than one with forty (`coldstart.shrink`; docs/results.md has the rule's own scores
+for each k).
+
+Why terse: the evaluation calls an answer copied when over 30% of its word 6-grams appear in one other answer
+(experiments/copying.py), and a model that learns its teacher's fixed phrases inherits them. Prose with a
+fixed skeleton ("The user rated N items, X stars on average, below the usual ...") made 96% of 256 traces
+copies; on the music validation split "counts" traces without quotes still share their counts, ranges
+and genre lists (82% copies; 50% counted only against answers about another user and another item; 61% and
+10% with quotes), and "titles" traces, whose runs of six words nearly always hold a title, a quote or the
+pair's own numbers, 31% and 0.3% (`python -m experiments.rule_teacher --data data/amazon-music --style
+titles` prints them; what remains is answers about the same item, which rightly say the same things about
+it).
 
 Every number and title in a trace is a fact of the example; only the rating is a guess, and `coldstart`
 keeps a trace only when that guess is within `coldstart.tolerance` of the label. Traces are kept short
@@ -37,7 +49,9 @@ from typing import Sequence
 
 LIKED, DISLIKED = 4.0, 2.0  # ratings at or above / at or below these count as liked / disliked
 TITLES = 2  # titles quoted per side (a trace must fit sampling.max_new_tokens: ~100-150 tokens here)
-SUMMARY_CHARS = 60  # a review summary is quoted up to this many characters
+SUMMARY_CHARS = 60  # a review summary is quoted up to this many characters (style "counts")
+QUOTE_CHARS = 40  # ... and up to this many in style "titles"
+STYLES = ("counts", "titles")
 GENERIC_CATEGORIES = {"CDs & Vinyl", "Digital Music", "Music"}  # on nearly every item: they say nothing
 
 
@@ -107,27 +121,25 @@ def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float]
             f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}, about {rating}."), rating
 
 
-def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
-               stepwise: bool = False) -> str:
-    """The four-step answer for one example (tbr template tags), every statement read off the example;
-    `quotes` chooses between quoting the best and worst earlier reviews and stating only their ratings;
-    `shrink` is how many ratings at the global mean the match step adds to each average (see `shrunk`);
-    `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`)."""
-    history = example.get("user_history") or []
-    reviews = example.get("item_history") or []
-    item = example.get("item") or {}
-    scale = tuple(example.get("rating_scale") or (1.0, 5.0))
-    user_avg, item_avg = example.get("user_avg_rating"), example.get("item_avg_rating")
+def _closest(history: Sequence[dict], item: dict) -> tuple[dict, int] | None:
+    """The user's rated entry sharing most categories with the item (ties: the higher rating, then the earlier
+    entry), and how many it shares; None without history. The ratings a user gave to items like this one are
+    the most direct evidence of how they will rate it."""
+    if not history:
+        return None
+    wanted = set(_categories(item))
+    best = max(history, key=lambda e: (len(wanted & set(_categories(e))), float(e["rating"])))
+    return best, len(wanted & set(_categories(best)))
 
-    by_rating = sorted(history, key=lambda e: (-float(e["rating"]), str(e.get("title"))))
-    liked = [e for e in by_rating if float(e["rating"]) >= LIKED]
-    disliked = [e for e in reversed(by_rating) if float(e["rating"]) <= DISLIKED]
+
+def _counts_sections(history, reviews, item, user_avg, item_avg, quotes, liked, disliked):
+    """style "counts": how many ratings and reviews, the range of the item's reviews, the liked genres."""
     liked_categories = Counter(c for e in liked for c in _categories(e))
     mean = _stars(user_avg) if user_avg is not None else "unknown"
-    user = f"{len(history)} ratings, mean {mean}. Liked: {_rated(liked[:TITLES])}. Disliked: {_rated(disliked[:TITLES])}."
+    user = (f"{len(history)} ratings, mean {mean}. Liked: {_rated(liked[:TITLES])}. "
+            f"Disliked: {_rated(disliked[:TITLES])}.")
     if liked_categories:
         user += f" Liked genres: {', '.join(c for c, _ in liked_categories.most_common(2))}."
-
     item_categories = _categories(item)
     about = f'"{_title(item)}"' + (f" ({', '.join(item_categories[:2])})" if item_categories else "")
     if reviews and item_avg is not None:
@@ -143,11 +155,61 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
                 about += f" Worst ({lo}): {_summary(worst)}."
     else:
         about += ": no earlier reviews."
-
     shared = [c for c in item_categories if c in liked_categories]
+    return user, about, f"Shared genres: {', '.join(shared[:2]) or 'none'}. "
+
+
+def _titles_sections(history, reviews, item, user_avg, item_avg, quotes, liked, disliked):
+    """style "titles": titles and review summaries quoted, the user's entry closest to the item; no counts and
+    no genre lists (the module docstring says why)."""
+    user = f"Mean {_stars(user_avg) if user_avg is not None else 'unknown'}."
+    if liked:
+        user += f" Liked {_rated(liked[:TITLES])}."
+    if disliked:
+        user += f" Disliked {_rated(disliked[:TITLES])}."
+    about = f'"{_title(item)}"'
+    if reviews and item_avg is not None:
+        about += f", mean {_stars(item_avg)}."
+        if quotes:
+            best = max(reviews, key=lambda r: float(r["rating"]))
+            worst = min(reviews, key=lambda r: float(r["rating"]))
+            about += f' "{_summary(best)[:QUOTE_CHARS].rstrip()}" ({_stars(float(best["rating"]))})'
+            if float(worst["rating"]) < float(best["rating"]):
+                about += f', "{_summary(worst)[:QUOTE_CHARS].rstrip()}" ({_stars(float(worst["rating"]))})'
+            about += "."
+    else:
+        about += ": no earlier reviews."
+    match = ""
+    if (closest := _closest(history, item)) is not None:
+        entry, shared = closest
+        match = (f'"{_title(entry)}" ({_stars(float(entry["rating"]))}) is closest to "{_title(item)}": '
+                 f"{shared} genres in common. ")
+    return user, about, match
+
+
+def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
+               stepwise: bool = False, style: str = "counts") -> str:
+    """The four-step answer for one example (tbr template tags), every statement read off the example;
+    `style` chooses what the first three steps state ("counts" or "titles": see the module docstring);
+    `quotes` chooses between quoting the summaries of the item's best and worst earlier reviews and not;
+    `shrink` is how many ratings at the global mean the match step adds to each average (see `shrunk`);
+    `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown rule-trace style {style!r}: expected one of {STYLES}")
+    history = example.get("user_history") or []
+    reviews = example.get("item_history") or []
+    item = example.get("item") or {}
+    scale = tuple(example.get("rating_scale") or (1.0, 5.0))
+    user_avg, item_avg = example.get("user_avg_rating"), example.get("item_avg_rating")
+
+    by_rating = sorted(history, key=lambda e: (-float(e["rating"]), str(e.get("title"))))
+    liked = [e for e in by_rating if float(e["rating"]) >= LIKED]
+    disliked = [e for e in reversed(by_rating) if float(e["rating"]) <= DISLIKED]
+    sections = _counts_sections if style == "counts" else _titles_sections
+    user, about, match = sections(history, reviews, item, user_avg, item_avg, quotes, liked, disliked)
+
     u = shrunk(user_avg, len(history), global_mean, shrink)
     i = shrunk(item_avg, len(reviews), global_mean, shrink)
-    match = f"Shared genres: {', '.join(shared[:2]) or 'none'}. "
     if shrink:
         match += f"With {_stars(shrink)} usual {_stars(global_mean)} added: user {_stars(u)}, item {_stars(i)}. "
     if stepwise:
@@ -162,12 +224,14 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
 
 
 def main(argv=None) -> int:
-    """The rule's own scores on a split: what a student that copied its teacher perfectly would score."""
+    """The rule's own scores on a split: what a student that copied its teacher perfectly would score, and
+    the copy rates of the traces themselves (a student that learns them can do no better)."""
     import argparse
 
     import numpy as np
 
     from experiments.baselines import load_splits
+    from experiments.copying import copy_rate
     from experiments.stats import bootstrap_ci
     from prompts import parse_completion
 
@@ -178,20 +242,26 @@ def main(argv=None) -> int:
     parser.add_argument("--shrink", type=float, nargs="+", default=[0.0],
                         help="one or more values of coldstart.shrink")
     parser.add_argument("--stepwise", action="store_true", help="coldstart.stepwise")
+    parser.add_argument("--style", choices=STYLES, default="counts", help="coldstart.style")
+    parser.add_argument("--no-quotes", dest="quotes", action="store_false", help="coldstart.quotes=false")
     args = parser.parse_args(argv)
     splits = load_splits(args.data)
     global_mean = float(np.mean([float(ex["rating"]) for ex in splits["train"]]))
     rows = splits[args.split]
     labels = np.array([float(ex["rating"]) for ex in rows])  # (n,)
+    about = [(f"user:{ex.get('user_id')}", f"item:{ex.get('item_id')}") for ex in rows]
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
-        rated = np.array([parse_completion(rule_trace(ex, global_mean, shrink=shrink, stepwise=args.stepwise),
-                                           template="tbr").rating for ex in rows])  # (n,)
+        traces = [rule_trace(ex, global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
+                             style=args.style) for ex in rows]
+        rated = np.array([parse_completion(t, template="tbr").rating for t in traces])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
         hist = "/".join(str(int((rated == r).sum())) for r in range(1, 6))
+        copies = copy_rate(traces)["copy_rate"], copy_rate(traces, related=about)["copy_rate"]
         name = f"shrink {shrink:g}{' stepwise' if args.stepwise else ''}"
         print(f"{name}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"
-              f"  RMSE {rmse[0]:.4f} [{rmse[1]:.4f}, {rmse[2]:.4f}]  rated 1/2/3/4/5: {hist}")
+              f"  RMSE {rmse[0]:.4f} [{rmse[1]:.4f}, {rmse[2]:.4f}]  rated 1/2/3/4/5: {hist}"
+              f"  copy {copies[0]:.3f} copy_u {copies[1]:.3f}")
     return 0
 
 

@@ -1,6 +1,8 @@
 """The rule-based cold-start teacher: traces that parse, state the example's own facts, and rate by the bias rule."""
 import json
 
+import pytest
+
 from experiments.rule_teacher import rule_rating, rule_trace, shrunk
 from experiments.teacher import check_trace
 from prompts import parse_completion
@@ -65,6 +67,31 @@ def test_without_quotes_the_item_line_states_only_the_reviews_ratings():
     assert item.strip() == '"Item-1" (World Music): 2 earlier reviews, mean 4.5, from 4 to 5.'
     ex["item_history"][1]["rating"] = 5.0
     assert "mean 4.5, all 5." in rule_trace(ex, 4.2, quotes=False)
+
+
+def test_titles_style_states_titles_quotes_and_the_closest_entry_without_counts():
+    ex = make_example(1, rating=4.0)  # "Rumours" (5, Pop), "Kid A" (3, Rock); the item: World Music, 5 and 4
+    parsed = parse_completion(rule_trace(ex, 4.2, style="titles"), template="tbr")
+    assert parsed.format_ok and parsed.rating == 4
+    user, item, match = (parsed.sections[name].strip() for name in ("analyze user", "analyze item", "match"))
+    assert user == 'Mean 4. Liked "Rumours" (5).'  # no count, and no "Disliked" when nothing was
+    assert item == '"Item-1", mean 4.5. "Joyful" (5), "Great melodies" (4).'
+    # no entry shares a category with the item: the higher-rated one stands closest
+    assert match == '"Rumours" (5) is closest to "Item-1": 0 genres in common. 4 + 4.5 - 4.2 = 4.3, about 4.'
+    ex["user_history"][1]["categories"] = ["World Music", "Rock"]
+    ex["user_history"][1]["rating"] = 2.0
+    trace = rule_trace(ex, 4.2, quotes=False, style="titles")
+    assert '"Kid A" (2) is closest to "Item-1": 1 genres in common.' in trace
+    assert 'Disliked "Kid A" (2).' in trace and '"Item-1", mean 4.5.\n' in trace  # quotes=False: no summaries
+    with pytest.raises(ValueError, match="style"):
+        rule_trace(ex, 4.2, style="prose")
+
+    from experiments.rule_fidelity import fidelity
+    other = trace.replace('"Kid A" (2) is closest', '"Rumours" (5) is closest').replace("Mean 4.", "Mean 3.")
+    rows = [{"id": "ex1", "format_ok": True, "rating": 4.0, "completion": text} for text in (trace, other)]
+    f = fidelity(rows, {"ex1": trace}, template="tbr")
+    assert f["user_count"] is None and f["item_count"] is None  # this style never states them
+    assert f["closest_entry"] == 0.5 and f["user_mean"] == 0.5 and f["item_mean"] == 1.0
 
 
 def test_traces_differ_with_the_data():
@@ -158,3 +185,8 @@ def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
     assert "shrink 0: MAE 1.6667" in out and "rated 1/2/3/4/5: 0/0/0/0/3" in out
     # shrink 1 (2 ratings each): user 3.78, item 4.11 -> 4.56 -> 5 again
     assert out.count("MAE 1.6667") == 2
+    # three users with the same history and three items with the same reviews: the traces differ only in the
+    # item's title, so each is a copy, even against answers about another user and another item
+    assert "copy 1.000 copy_u 1.000" in out
+    assert main(["--data", str(tmp_path), "--style", "titles"]) == 0
+    assert "shrink 0: MAE 1.6667" in capsys.readouterr().out  # the style changes the words, not the rating
