@@ -11,7 +11,8 @@ import numpy as np
 
 from grpo.config import check
 from experiments.copying import copy_rate, ngrams, reasoning_text
-from prompts import REWARDS, TEMPLATES, get_template, parse_completion, render_prompt
+from prompts import (REWARDS, TEMPLATES, get_template, parse_completion, render_prompt, render_prompt_info,
+                     shown_example)
 
 
 @dataclass
@@ -158,11 +159,17 @@ class RecTask:
             examples = examples[: self.cfg.max_train_examples]
         return examples
 
-    def prompt(self, example: dict) -> str:
+    def _render_settings(self) -> dict:
         one_shot = {"none": False, "inline": True, "turn": "turn"}[self.cfg.one_shot]
-        text = render_prompt(example, self.tokenizer, template=self.cfg.template, one_shot=one_shot,
-                             max_prompt_tokens=self.cfg.max_prompt_tokens or None, raw_chatml=self.cfg.raw_chatml)
-        return text + self.cfg.prefill
+        return {"template": self.cfg.template, "one_shot": one_shot,
+                "max_prompt_tokens": self.cfg.max_prompt_tokens or None, "raw_chatml": self.cfg.raw_chatml}
+
+    def prompt(self, example: dict) -> str:
+        return render_prompt(example, self.tokenizer, **self._render_settings()) + self.cfg.prefill
+
+    def shown(self, example: dict) -> dict:
+        """The example cut to what its prompt shows (prompts.shown_example): the same token budget."""
+        return shown_example(example, render_prompt_info(example, self.tokenizer, **self._render_settings()))
 
     def items(self, split: str) -> "LazyItems":
         """The split's items; each prompt is rendered (token budget and all) the first time it is used."""

@@ -7,10 +7,10 @@ scores it. See docs/paper.md ("Output structure", "Reward") for the rules implem
 from prompts.parse import ParseResult, parse_completion, parse_rating, well_formed_sections
 from prompts.rewards import REWARDS, reward_range
 from prompts.templates import (TEMPLATES, PromptTemplate, RenderedPrompt, build_messages, get_template,
-                               rating_scale, render_prompt, render_prompt_info)
+                               rating_scale, render_prompt, render_prompt_info, shown_example)
 
 __all__ = [
     "parse_completion", "ParseResult", "render_prompt", "build_messages", "REWARDS", "TEMPLATES",
     "parse_rating", "well_formed_sections", "reward_range", "PromptTemplate", "RenderedPrompt", "get_template",
-    "rating_scale", "render_prompt_info",
+    "rating_scale", "render_prompt_info", "shown_example",
 ]

@@ -491,6 +491,22 @@ def render_prompt_info(example: Mapping[str, Any], tokenizer: Any = None, templa
     return result(best, best_text, best_tokens)
 
 
+def shown_example(example: Mapping[str, Any], rendered: RenderedPrompt) -> dict[str, Any]:
+    """The example as its prompt shows it: only the newest `rendered.n_user_history` / `n_item_history`
+    entries, every free-text field cut as the token budget cut it. A teacher that writes from this states
+    only what a model reading the prompt can see (with the default budget most prompts lose their oldest
+    entries)."""
+    cap = rendered.text_char_cap
+
+    def cut(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: _cut(_text(v), cap) if k in FREE_TEXT_FIELDS else v for k, v in entry.items()}
+
+    item = example.get("item")
+    return {**example, "user_history": [cut(e) for e in _newest(example.get("user_history"), rendered.n_user_history)],
+            "item_history": [cut(e) for e in _newest(example.get("item_history"), rendered.n_item_history)],
+            "item": cut(item) if isinstance(item, Mapping) else item}
+
+
 def render_prompt(example: Mapping[str, Any], tokenizer: Any = None, template: str | PromptTemplate = "tbr",
                   one_shot: bool | str = False, max_prompt_tokens: int | None = None, raw_chatml: bool = False,
                   system_prompt: str | None = None) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prompts import TEMPLATES, build_messages, parse_completion, render_prompt
-from prompts.templates import _messages, _View, close_tag, open_tag, render_prompt_info
+from prompts.templates import _messages, _View, close_tag, open_tag, render_prompt_info, shown_example
 
 TOKENIZER_DIR = (Path(os.environ.get("RECZERO_CACHE", Path.home() / ".cache" / "reczero")).expanduser()
                  / "SmolLM2-135M-Instruct")
@@ -295,6 +295,20 @@ def test_budget_drops_oldest_history_first_alternating():
     info = render_prompt_info(EXAMPLE, tok, max_prompt_tokens=390)
     assert (info.n_user_history, info.n_item_history, info.text_char_cap) == (1, 1, None)
     assert "1. Hotel California, 5;" in info.text and "1. rating 5;" in info.text and "Graceland" in info.text
+
+
+def test_shown_example_is_what_the_trimmed_prompt_shows():
+    tok = WordTokenizer()
+    one_each = render_prompt_info(EXAMPLE, tok, max_prompt_tokens=390)
+    shown = shown_example(EXAMPLE, one_each)
+    assert [e["title"] for e in shown["user_history"]] == ["Hotel California"]  # the newest entry only
+    assert shown["item_history"] == [EXAMPLE["item_history"][-1]] and shown["item"] == EXAMPLE["item"]
+    assert shown["user_avg_rating"] == EXAMPLE["user_avg_rating"] and EXAMPLE["user_history"][0]["title"] == "Rumours"
+    cut = render_prompt_info(EXAMPLE, tok, max_prompt_tokens=one_each.n_tokens - 30)
+    shown = shown_example(EXAMPLE, cut)
+    description = shown["item"]["description"]
+    assert description.endswith("...") and len(description) <= cut.text_char_cap
+    assert f"description: {description}" in cut.text  # cut exactly as the prompt cuts it
 
 
 def test_budget_then_shortens_longest_texts():

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from experiments.rule_teacher import rule_rating, rule_trace, shrunk
-from experiments.teacher import check_trace
+from experiments.teacher import check_trace, example_id
 from prompts import parse_completion
 from test_teacher import make_example
 
@@ -92,6 +92,11 @@ def test_titles_style_states_titles_quotes_and_the_closest_entry_without_counts(
     f = fidelity(rows, {"ex1": trace}, template="tbr")
     assert f["user_count"] is None and f["item_count"] is None  # this style never states them
     assert f["closest_entry"] == 0.5 and f["user_mean"] == 0.5 and f["item_mean"] == 1.0
+    assert f["item_best_quote"] is None  # quotes=False
+    quoted = rule_trace(ex, 4.2, style="titles")
+    rows[1]["completion"] = quoted.replace('"Joyful" (5)', '"A great album" (5)')
+    f = fidelity(rows[1:], {"ex1": quoted}, template="tbr")
+    assert f["item_best_quote"] == 0.0 and f["closest_entry"] == 1.0
 
 
 def test_traces_differ_with_the_data():
@@ -136,6 +141,18 @@ def test_coldstart_rules_teacher_writes_kept_and_rejected_traces(tmp_path, data_
     cfg.coldstart.quotes = False
     plain = [json.loads(line)["completion"] for line in write_traces(cfg)[0].read_text().splitlines()]
     assert len(plain) == 10 and not any("Best (" in c for c in plain)
+    # coldstart.from_prompt: every title and quote the trace states is in the (trimmed) prompt
+    from experiments.rule_fidelity import QUOTED
+    cfg.coldstart.style, cfg.coldstart.quotes, cfg.task.max_prompt_tokens = "titles", True, 700
+    task = RecTask(cfg.task, default_tokenizer)
+    prompts = {example_id(ex): " ".join(task.prompt(ex).split()) for ex in task.examples("train")}
+    missing = {}
+    for from_prompt in (False, True):
+        cfg.coldstart.from_prompt = from_prompt
+        records = [json.loads(line) for line in write_traces(cfg)[0].read_text().splitlines()]
+        missing[from_prompt] = [q for r in records for q in QUOTED.findall(r["completion"])
+                                if " ".join(q.split()) not in prompts[r["example_id"]]]
+    assert missing[False] and not missing[True]  # the budget drops entries the whole example still has
 
 
 def test_rule_fidelity_counts_where_an_answer_departs_from_its_trace():
