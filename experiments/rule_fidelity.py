@@ -44,7 +44,9 @@ CLOSEST = re.compile(r'^"(.+?)" \(\d(?:\.\d)?\) is closest', re.MULTILINE)  # st
 FACTS = (("user_count", USER_COUNT), ("user_mean", USER_MEAN), ("item_count", ITEM_COUNT),
          ("item_mean", ITEM_MEAN), ("item_best_quote", ITEM_QUOTE), ("closest_entry", CLOSEST))
 
-
+SUM = re.compile(rf"({NUMBER}) \+ ({NUMBER}) - ({NUMBER}) = ({NUMBER}), about (\d)")
+STEPS = re.compile(rf"User ({NUMBER}) - ({NUMBER}) = ({NUMBER})\. Item ({NUMBER}) ([+-]) ({NUMBER}) = ({NUMBER}), "
+                   rf"about (\d)")
 QUOTED = re.compile(r'"([^"\n]{2,})"')
 
 
@@ -67,9 +69,6 @@ def _same(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return a == b
-SUM = re.compile(rf"({NUMBER}) \+ ({NUMBER}) - ({NUMBER}) = ({NUMBER}), about (\d)")
-STEPS = re.compile(rf"User ({NUMBER}) - ({NUMBER}) = ({NUMBER})\. Item ({NUMBER}) ([+-]) ({NUMBER}) = ({NUMBER}), "
-                   rf"about (\d)")
 
 
 def arithmetic(text: str) -> tuple[bool, float, int] | None:

@@ -36,7 +36,8 @@ pair's own numbers, 31% and 0.3% (`python -m experiments.rule_teacher --data dat
 titles` prints them; what remains is answers about the same item, which rightly say the same things about
 it).
 
-Every number and title in a trace is a fact of the example; only the rating is a guess, and `coldstart`
+Every number and title in a trace is a fact of the example (with `coldstart.from_prompt`, of the example as
+its token-budgeted prompt shows it: experiments/coldstart.py); only the rating is a guess, and `coldstart`
 keeps a trace only when that guess is within `coldstart.tolerance` of the label. Traces are kept short
 (~70-140 tokens): GRPO cuts an answer at `sampling.max_new_tokens`, and a model taught longer answers
 would never reach its rating (`experiments.recone` drops pairs that do not fit).

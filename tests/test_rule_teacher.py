@@ -99,6 +99,21 @@ def test_titles_style_states_titles_quotes_and_the_closest_entry_without_counts(
     assert f["item_best_quote"] == 0.0 and f["closest_entry"] == 1.0
 
 
+def test_quotes_count_as_grounded_only_when_the_prompt_shows_them():
+    from experiments.rule_fidelity import example_strings, fidelity, grounded
+
+    ex = make_example(1, rating=4.0)
+    strings = example_strings(ex)
+    assert {"rumours", "kid a", "item-1", "joyful", "great melodies"} <= strings
+    assert grounded('Liked "Rumours" (5). "Great melo" (4), "A great album" (5).', strings) == (2, 3)
+    assert grounded("no quotes", strings) == (0, 0)
+    trace = rule_trace(ex, 4.2, style="titles")
+    rows = [{"id": "ex1", "format_ok": True, "rating": 4.0, "completion": trace}]
+    assert fidelity(rows, {"ex1": trace}, "tbr", {"ex1": strings})["quotes_grounded"] == 1.0
+    assert fidelity(rows, {"ex1": trace}, "tbr", {"ex1": set()})["quotes_grounded"] == 0.0
+    assert "quotes_grounded" not in fidelity(rows, {"ex1": trace}, "tbr")
+
+
 def test_traces_differ_with_the_data():
     a, b = make_example(1), make_example(2)
     b["user_history"][1]["rating"] = 1.0  # now a dislike
