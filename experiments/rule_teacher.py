@@ -245,7 +245,19 @@ def main(argv=None) -> int:
     parser.add_argument("--stepwise", action="store_true", help="coldstart.stepwise")
     parser.add_argument("--style", choices=STYLES, default="counts", help="coldstart.style")
     parser.add_argument("--no-quotes", dest="quotes", action="store_false", help="coldstart.quotes=false")
+    parser.add_argument("--prompt-config", metavar="YAML",
+                        help="coldstart.from_prompt=true: write each trace from what its prompt shows, prompts "
+                             "built with this experiment config's task settings and tokenizer")
     args = parser.parse_args(argv)
+    view = lambda ex: ex  # noqa: E731
+    if args.prompt_config:
+        from experiments.coldstart import ReconeConfig
+        from experiments.config import load_config
+        from experiments.task import RecTask
+        from grpo.models import load_tokenizer
+
+        cfg = load_config(ReconeConfig, args.prompt_config, [f"task.data_dir={args.data}"])
+        view = RecTask(cfg.task, load_tokenizer(cfg.model.name_or_path)).shown
     splits = load_splits(args.data)
     global_mean = float(np.mean([float(ex["rating"]) for ex in splits["train"]]))
     rows = splits[args.split]
@@ -253,7 +265,7 @@ def main(argv=None) -> int:
     about = [(f"user:{ex.get('user_id')}", f"item:{ex.get('item_id')}") for ex in rows]
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
-        traces = [rule_trace(ex, global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
+        traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
                              style=args.style) for ex in rows]
         rated = np.array([parse_completion(t, template="tbr").rating for t in traces])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))

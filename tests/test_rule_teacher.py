@@ -222,3 +222,23 @@ def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
     assert "copy 1.000 copy_u 1.000" in out
     assert main(["--data", str(tmp_path), "--style", "titles"]) == 0
     assert "shrink 0: MAE 1.6667" in capsys.readouterr().out  # the style changes the words, not the rating
+
+
+def test_the_rule_cli_writes_from_the_prompt(tmp_path, capsys, default_tokenizer, monkeypatch):
+    import experiments.rule_teacher as rt
+    from experiments.rule_teacher import main
+
+    seen = []  # the user-history length of every example a trace is written from
+    monkeypatch.setattr(rt, "rule_trace",
+                        lambda ex, *a, **k: seen.append(len(ex["user_history"])) or rule_trace(ex, *a, **k))
+
+    row = make_example(1, rating=5.0)
+    row["user_history"] = [dict(row["user_history"][0], title=f"Album {k}", text="words " * 200) for k in range(8)]
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n")
+    args = ["--data", str(tmp_path), "--style", "titles", "--shrink", "0"]
+    assert main(args) == 0 and main([*args, "--prompt-config", "experiments/configs/recone_long.yaml"]) == 0
+    whole, shown = capsys.readouterr().out.strip().splitlines()[1::2]
+    assert whole.split("rated")[0] == shown.split("rated")[0]  # the same rating from the same two means
+    assert seen[0] == 8 and 1 <= seen[1] < 8  # the 1,024-token prompt drops the oldest long entries
