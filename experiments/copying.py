@@ -55,6 +55,11 @@ def ngrams(text: str, n: int = N) -> set[str]:
     return {" ".join(w[k:k + n]) for k in range(len(w) - n + 1)}
 
 
+def subjects(example: dict) -> tuple[str, str]:
+    """The labels `related` takes for an answer about `example`: its user and its item."""
+    return f"user:{example.get('user_id')}", f"item:{example.get('item_id')}"
+
+
 def copy_shares(answers: Sequence[str], demonstrations: Sequence[str] = (), n: int = N,
                 related: Sequence[Iterable[str]] | None = None) -> list[tuple[float, str | None]]:
     """Per answer: (largest share of its n-grams found in one other text, that text) where the text is

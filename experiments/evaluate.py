@@ -41,7 +41,7 @@ import numpy as np
 from experiments.baselines import fit_baselines, load_splits, predict_examples, target_pairs
 from experiments.config import ExperimentConfig, load_experiment
 from experiments.copying import THRESHOLD as COPY_THRESHOLD
-from experiments.copying import copy_rate
+from experiments.copying import copy_rate, subjects
 from experiments.stats import LEVEL, RESAMPLES, SEED, bootstrap_ci, paired_bootstrap
 from experiments.task import RecTask, rating_metrics, scored_predictions
 from grpo.config import apply_overrides, build_config, read_config_values
@@ -142,7 +142,7 @@ def score_completions(task: RecTask, items, completions: list[str], demos: list[
     metrics.update(interval_metrics(scored - np.asarray(labels, dtype=np.float64)))
     answers = [task.answer(c) for c in completions]
     copies = copy_rate(answers, demos)
-    about = [(f"user:{it['example'].get('user_id')}", f"item:{it['example'].get('item_id')}") for it in items]
+    about = [subjects(it["example"]) for it in items]
     unrelated = copy_rate(answers, demos, related=about)
     metrics.update({"fallback": task.cfg.fallback, "failure_scored_as": "farthest rating from the label",
                     "ci_level": LEVEL, "bootstrap_resamples": RESAMPLES, "bootstrap_seed": SEED,

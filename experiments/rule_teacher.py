@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from experiments.baselines import load_splits
-    from experiments.copying import copy_rate
+    from experiments.copying import copy_rate, subjects
     from experiments.stats import bootstrap_ci
     from prompts import parse_completion
 
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     global_mean = float(np.mean([float(ex["rating"]) for ex in splits["train"]]))
     rows = splits[args.split]
     labels = np.array([float(ex["rating"]) for ex in rows])  # (n,)
-    about = [(f"user:{ex.get('user_id')}", f"item:{ex.get('item_id')}") for ex in rows]
+    about = [subjects(ex) for ex in rows]
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
         traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
