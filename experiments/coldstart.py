@@ -73,6 +73,10 @@ class ColdStartConfig:
     entries and cuts long texts: with max_prompt_tokens 1024, 53 of the first 60 music validation prompts
     lose user entries and all 60 lose item reviews). False, the first behaviour, for the runs recorded
     before it existed."""
+    say_cap: bool = False
+    """Rule teacher: write "capped at 5" rather than "about 5" when the bias rule's sum rounds above the
+    scale (and "capped at 1" below it); a student taught only "about" wrote "about 6" for such sums. False,
+    the first behaviour, for the runs recorded before it existed."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -216,7 +220,7 @@ def rule_teacher(cfg: ReconeConfig):
     global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
     view = task.shown if c.from_prompt else (lambda ex: ex)
     return lambda ex: rule_trace(view(ex), global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise,
-                                 style=c.style)
+                                 style=c.style, say_cap=c.say_cap)
 
 
 def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:

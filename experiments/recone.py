@@ -73,10 +73,13 @@ def run_recone(cfg: ReconeConfig) -> Path:
     sft_dir = root / "sft"
     if cfg.run.resume and run_finished(sft_dir):  # a resumed RecOne keeps its finished SFT stage
         print(f"run.resume: the SFT stage in {sft_dir} has finished; continuing with GRPO")
-    else:  # SFT is short and has no checkpoint to resume from: an unfinished one starts over
-        sft_run.resume, sft_run.overwrite = "", sft_run.overwrite or bool(cfg.run.resume)
+    else:  # a new SFT stage, or an unfinished one continued from its latest step checkpoint
+        sft_run.resume = "latest" if cfg.run.resume else ""
         sft_dir = train_sft(cfg.model, cfg.sft, sft_run, pairs[n_val:], pairs[:n_val], sampling=cfg.sampling,
                             task=task, val_items=val_items, full_config=cfg)
+        if not run_finished(sft_dir):  # stopped on request: GRPO must not start from unfinished weights
+            print("RecOne stopped during SFT; continue with the same command and run.resume=latest")
+            return root
     best = sft_dir / "checkpoints" / "best"
     stages["sft"] = {"run": str(sft_dir), "checkpoint": str(best if best.exists() else ""), "pairs": len(pairs)}
 

@@ -93,6 +93,17 @@ def whole_star(x: float, scale: Sequence[float]) -> int:
     return int(min(max(math.floor(x + 0.5), scale[0]), scale[1]))
 
 
+def _about(shown: str, scale: Sequence[float]) -> tuple[str, int]:
+    """`coldstart.say_cap`: the rating read off the sum as written ("5.5" -> 5 via 6, although the exact sum
+    may be 5.46) and named "capped at 5" when the sum rounds off the scale, "about 4" when it does not. A
+    student taught "5.6, about 5" on the few traces whose sum passes the top learned "about" as "rounded"
+    and wrote "about 6", an answer off the scale (docs/results.md); a word of its own for the clip gives it
+    something to learn, and reading the written number keeps "4.5, about 4" out of the traces."""
+    rounded = math.floor(float(shown) + 0.5)
+    rating = whole_star(float(shown), scale)
+    return (f"capped at {rating}" if rounded != rating else f"about {rating}"), rating
+
+
 def rule_rating(user_avg: float | None, item_avg: float | None, global_mean: float,
                 scale: tuple[float, float] = (1.0, 5.0), n_user: int = 0, n_item: int = 0,
                 shrink: float = 0.0) -> int:
@@ -108,7 +119,8 @@ def _rated(entries: Sequence[dict]) -> str:
     return ", ".join(f'"{_title(e)}" ({_stars(float(e["rating"]))})' for e in entries) or "none"
 
 
-def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float]) -> tuple[str, int]:
+def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float],
+                  say_cap: bool = False) -> tuple[str, int]:
     """The bias rule as two one-operation steps on the one-decimal numbers shown, each exact as written:
     "User 4.2 - 4.5 = -0.3. Item 3.9 - 0.3 = 3.6, about 4." A 135M student taught the three-term sum
     "4.2 + 3.9 - 4.5 = 3.6" got it right in about one answer in five (docs/results.md); one operation at a
@@ -117,9 +129,12 @@ def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float]
     offset = round(us - gs, 1)
     total = round(its + offset, 1)
     rating = whole_star(total, scale)
+    named = f"about {rating}"
+    if say_cap:
+        named, rating = _about(_stars(total), scale)
     sign = "-" if offset < 0 else "+"
     return (f"User {_stars(us)} - {_stars(gs)} = {_stars(offset)}. "
-            f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}, about {rating}."), rating
+            f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}, {named}."), rating
 
 
 def _closest(history: Sequence[dict], item: dict) -> tuple[dict, int] | None:
@@ -189,12 +204,14 @@ def _titles_sections(history, reviews, item, user_avg, item_avg, quotes, liked, 
 
 
 def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
-               stepwise: bool = False, style: str = "counts") -> str:
+               stepwise: bool = False, style: str = "counts", say_cap: bool = False) -> str:
     """The four-step answer for one example (tbr template tags), every statement read off the example;
     `style` chooses what the first three steps state ("counts" or "titles": see the module docstring);
     `quotes` chooses between quoting the summaries of the item's best and worst earlier reviews and not;
     `shrink` is how many ratings at the global mean the match step adds to each average (see `shrunk`);
-    `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`)."""
+    `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`); `say_cap`
+    names a sum that rounds off the scale "capped at" its end rather than "about" it, and rates the sum as
+    written (see `_about`)."""
     if style not in STYLES:
         raise ValueError(f"unknown rule-trace style {style!r}: expected one of {STYLES}")
     history = example.get("user_history") or []
@@ -214,11 +231,13 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
     if shrink:
         match += f"With {_stars(shrink)} usual {_stars(global_mean)} added: user {_stars(u)}, item {_stars(i)}. "
     if stepwise:
-        arithmetic, rating = _offset_steps(u, i, global_mean, scale)
+        arithmetic, rating = _offset_steps(u, i, global_mean, scale, say_cap)
     else:
         rating = rule_rating(user_avg, item_avg, global_mean, scale, len(history), len(reviews), shrink)
-        arithmetic = (f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, "
-                      f"about {rating}.")
+        named = f"about {rating}"
+        if say_cap:
+            named, rating = _about(_stars(u + i - global_mean), scale)
+        arithmetic = f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, {named}."
     match += arithmetic
     return (f"<analyze user>\n{user}\n</analyze user>\n<analyze item>\n{about}\n"
             f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {rating} </rate>")
@@ -245,6 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stepwise", action="store_true", help="coldstart.stepwise")
     parser.add_argument("--style", choices=STYLES, default="counts", help="coldstart.style")
     parser.add_argument("--no-quotes", dest="quotes", action="store_false", help="coldstart.quotes=false")
+    parser.add_argument("--say-cap", action="store_true", help="coldstart.say_cap=true")
     parser.add_argument("--prompt-config", metavar="YAML",
                         help="coldstart.from_prompt=true: write each trace from what its prompt shows, prompts "
                              "built with this experiment config's task settings and tokenizer")
@@ -266,7 +286,7 @@ def main(argv=None) -> int:
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
         traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
-                             style=args.style) for ex in rows]
+                             style=args.style, say_cap=args.say_cap) for ex in rows]
         rated = np.array([parse_completion(t, template="tbr").rating for t in traces])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
         hist = "/".join(str(int((rated == r).sum())) for r in range(1, 6))

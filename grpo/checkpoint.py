@@ -89,8 +89,10 @@ def save_weights(folder: Path, policy, dist: Dist = Dist(), lora_cfg=None) -> No
 
 
 def save_checkpoint(path: Path, policy, optimizer=None, scheduler=None, step: int = 0, dist: Dist = Dist(),
-                    lora_cfg=None) -> None:
-    """Write `path` (a step folder; without an optimizer, weights only: e.g. SFT's `best`). Every rank calls it."""
+                    lora_cfg=None, loop_state: dict | None = None) -> None:
+    """Write `path` (a step folder; without an optimizer, weights only: e.g. SFT's `best`). Every rank calls it.
+    `loop_state`: what else the loop needs to continue exactly (SFT: its early-stopping record); `resume_run`
+    gives it back."""
     assert_finite(policy.model, dist)
     tmp = path.with_name(path.name + ".partial")
     if dist.is_main:
@@ -101,7 +103,7 @@ def save_checkpoint(path: Path, policy, optimizer=None, scheduler=None, step: in
     save_weights(tmp, policy, dist, lora_cfg)
     if optimizer is not None:
         state = {"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}
+                 "python_rng": random.getstate(), "loop": dict(loop_state or {})}
         if dist.enabled:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -149,8 +151,9 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         model.load_state_dict(weights, strict=False)
 
 
-def resume(ckpt: Path, policy, optimizer, scheduler, dist: Dist = Dist()) -> int:
-    """Restore a checkpoint into a freshly built policy and optimizer; returns the step to continue from."""
+def resume(ckpt: Path, policy, optimizer, scheduler, dist: Dist = Dist()) -> tuple[int, dict]:
+    """Restore a checkpoint into a freshly built policy and optimizer; returns the step to continue from and
+    the loop state saved with it."""
     load_weights(ckpt, policy.model)
     policy.weights_changed()
     state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -169,21 +172,21 @@ def resume(ckpt: Path, policy, optimizer, scheduler, dist: Dist = Dist()) -> int
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("loop", {})
 
 
-def resume_run(setting: str, run_dir: Path, policy, optimizer, scheduler, log) -> int:
+def resume_run(setting: str, run_dir: Path, policy, optimizer, scheduler, log) -> tuple[int, dict]:
     """`run.resume` (`latest` or a checkpoint folder; empty = a new run): restore weights, optimizer and
     schedule, drop the metrics `log` (a grpo.runlog.RunLog) holds after the checkpoint, and return the step to
-    continue from; else 0."""
+    continue from and the checkpoint's loop state; else (0, {})."""
     if not setting:
-        return 0
+        return 0, {}
     ckpt = find_latest_checkpoint(run_dir) if setting == "latest" else Path(setting)
     if ckpt is None:
         log.truncate_after(-1)  # killed before its first checkpoint: its metrics start over with it
         log.print(f"run.resume=latest: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
-        return 0
-    step = resume(ckpt, policy, optimizer, scheduler, policy.dist)
+        return 0, {}
+    step, loop_state = resume(ckpt, policy, optimizer, scheduler, policy.dist)
     log.truncate_after(step)
     log.print(f"resumed from {ckpt} at step {step}")
-    return step
+    return step, loop_state

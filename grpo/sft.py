@@ -12,6 +12,9 @@ log-prob is. One optimizer step of this file:
     4. log; every `eval_every` steps: validation loss (+ the task's greedy metrics); keep the best
        checkpoint by validation loss; stop early after `patience` evaluations without improvement
 
+Ctrl-C / SIGTERM (or every `run.save_every` steps) writes a step checkpoint with the optimizer and the
+early-stopping record, and `run.resume=latest` continues from it, as in GRPO (grpo/train.py).
+
 Shapes: n rows in a micro-batch, P prompt length (left-padded), T completion length (right-padded).
 """
 from __future__ import annotations
@@ -27,9 +30,10 @@ from tqdm.auto import tqdm
 
 from grpo import distributed
 from grpo.batching import batch_indices
-from grpo.checkpoint import prune_checkpoints, save_checkpoint
+from grpo.checkpoint import prune_checkpoints, resume_run, save_checkpoint
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, check, save_config
 from grpo.logprobs import completion_logprobs, completion_logprobs_fast
+from grpo.interrupt import StopOnSignal
 from grpo.policy import Policy, load_policy, make_optimizer
 from grpo.rollout import encode_prompts, evaluate
 from grpo.runlog import RunLog, RunRecord, claim_run_folder, write_json
@@ -195,7 +199,7 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(full_config if full_config is not None else _SFTEngineConfig(model_cfg, cfg, run),
                     run_dir / "config.yaml")
-    record = RunRecord(run_dir) if dist.is_main else None  # run.json: the command line and the wall time
+    record = RunRecord(run_dir, resumed=bool(run.resume)) if dist.is_main else None  # run.json: command, wall time
     torch.manual_seed(run.seed)
     random.seed(run.seed)
 
@@ -214,22 +218,22 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
     val_items = val_items if task is not None else None
     log = RunLog(run_dir, ["sft/loss", "eval/loss", *(task.curve_keys if task is not None else [])],
                  tensorboard=run.tensorboard, plot=run.plot, enabled=dist.is_main)
+    start_step, loop_state = resume_run(run.resume, run_dir, policy, optimizer, scheduler, log)
 
     # ---- evaluation: validation loss, task metrics, best checkpoint, early-stopping bookkeeping ------------
-    best = {"loss": math.inf, "step": None}
-    evals_without_improvement = 0
+    # `best` travels in step checkpoints; a best checkpoint written after the one resumed from is written
+    # again when the resumed run repeats that evaluation (same data order, same random state).
+    best = {"loss": math.inf, "step": None, "evals_without_improvement": 0, **loop_state.get("best", {})}
 
     def run_eval(step: int) -> dict:
-        nonlocal evals_without_improvement
         metrics = {}
         if val_examples:
             metrics["eval/loss"] = validation_loss(policy, val_examples, run.eval_batch_size, logprobs=cfg.logprobs)
             if metrics["eval/loss"] < best["loss"]:
-                best.update(loss=metrics["eval/loss"], step=step)
-                evals_without_improvement = 0
+                best.update(loss=metrics["eval/loss"], step=step, evals_without_improvement=0)
                 save_checkpoint(run_dir / "checkpoints" / "best", policy, dist=dist, lora_cfg=model_cfg.lora)
             else:
-                evals_without_improvement += 1
+                best["evals_without_improvement"] += 1
         if val_items:
             metrics.update({f"eval/{k}": v for k, v in
                             evaluate(policy, task, val_items, sampling, run.eval_batch_size).items()})
@@ -237,60 +241,77 @@ def train_sft(model_cfg: ModelConfig, cfg: SFTConfig, run: RunConfig, train_pair
             log.log(step, metrics)
         return metrics
 
-    last_eval = run_eval(0) if run.eval_at_start else {}
-    last_eval_step = 0 if run.eval_at_start else None
-    stopped_early = False
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, dist,
+                        model_cfg.lora, loop_state={"best": best})
+        if dist.is_main:
+            prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
 
-    bar = tqdm(desc="sft", total=total_steps, disable=not dist.is_main)
-    step = 0
-    for step in range(1, total_steps + 1):
-        t0 = time.perf_counter()
+    fresh = start_step == 0 and run.eval_at_start
+    last_eval = run_eval(0) if fresh else {}
+    last_eval_step = 0 if fresh else None
+    stopped_early = stopping = False
 
-        # ---- 1. this step's pairs: positions of the endless, per-epoch shuffled stream --------------------
-        batch = [train_examples[i] for i in batch_indices(len(train_examples), cfg.batch_size, step - 1, run.seed)]
-        tokens = sum(len(e.completion_ids) for e in batch)  # the whole step's, before taking this rank's share
-        batch = batch[mine]
+    bar = tqdm(desc="sft", initial=start_step, total=total_steps, disable=not dist.is_main)
+    step = start_step
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, return (grpo/interrupt.py)
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
 
-        # ---- 2. gradients of the mean NLL of the step's completion tokens -------------------------------------
-        model.train()
-        loss, _ = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size, total_tokens=tokens,
-                                           logprobs=cfg.logprobs)
-        loss = dist.all_sum(loss)
+            # ---- 1. this step's pairs: positions of the endless, per-epoch shuffled stream ----------------
+            order = batch_indices(len(train_examples), cfg.batch_size, step - 1, run.seed)
+            batch = [train_examples[i] for i in order]
+            tokens = sum(len(e.completion_ids) for e in batch)  # the whole step's, before this rank's share
+            batch = batch[mine]
 
-        # ---- 3. clip, step ------------------------------------------------------------------------------
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        lr = scheduler.get_last_lr()[0]  # the rate this update used
-        if not (math.isfinite(loss) and math.isfinite(float(distributed.full_tensor(grad_norm)))):
-            raise FloatingPointError(f"step {step}: the loss or gradient norm is not finite (sft.lr={cfg.lr:g} is "
-                                     "the usual cause); nothing was applied")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        policy.weights_changed()
-        scheduler.step()
+            # ---- 2. gradients of the mean NLL of the step's completion tokens ---------------------------------
+            model.train()
+            loss, _ = accumulate_sft_gradients(policy, batch, cfg.micro_batch_size, total_tokens=tokens,
+                                               logprobs=cfg.logprobs)
+            loss = dist.all_sum(loss)
 
-        # ---- 4. log, evaluate, stop early ---------------------------------------------------------------
-        log.log(step, {"sft/loss": loss, "sft/tokens": tokens, "grad/norm": float(distributed.full_tensor(grad_norm)), "lr": lr,
-                       "time/step_s": time.perf_counter() - t0})
-        bar.update(1)
-        bar.set_postfix({"loss": f"{loss:.3f}", **({"val": f"{last_eval['eval/loss']:.3f}"}
-                                                   if "eval/loss" in last_eval else {})})
-        if step % eval_every == 0 or step == total_steps:
-            last_eval, last_eval_step = run_eval(step), step
-            log.plot()
-            if cfg.patience > 0 and evals_without_improvement >= cfg.patience:
-                stopped_early = True
-                log.print(f"early stop at step {step}: validation loss has not improved on {best['loss']:.4f} "
-                           f"(step {best['step']}) for {cfg.patience} evaluations")
+            # ---- 3. clip, step --------------------------------------------------------------------------
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            lr = scheduler.get_last_lr()[0]  # the rate this update used
+            if not (math.isfinite(loss) and math.isfinite(float(distributed.full_tensor(grad_norm)))):
+                raise FloatingPointError(f"step {step}: the loss or gradient norm is not finite (sft.lr={cfg.lr:g} "
+                                         "is the usual cause); nothing was applied")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            policy.weights_changed()
+            scheduler.step()
+
+            # ---- 4. log, evaluate, stop early or on request ---------------------------------------------
+            log.log(step, {"sft/loss": loss, "sft/tokens": tokens, "lr": lr, "time/step_s": time.perf_counter() - t0,
+                           "grad/norm": float(distributed.full_tensor(grad_norm))})
+            bar.update(1)
+            bar.set_postfix({"loss": f"{loss:.3f}", **({"val": f"{last_eval['eval/loss']:.3f}"}
+                                                       if "eval/loss" in last_eval else {})})
+            if step % eval_every == 0 or step == total_steps:
+                last_eval, last_eval_step = run_eval(step), step
+                log.plot()
+                if cfg.patience > 0 and best["evals_without_improvement"] >= cfg.patience:
+                    stopped_early = True
+                    log.print(f"early stop at step {step}: validation loss has not improved on {best['loss']:.4f} "
+                              f"(step {best['step']}) for {cfg.patience} evaluations")
+                    break
+            stopping = step < total_steps and dist.all_max(stop.requested) > 0  # every rank stops together
+            if stopping or (run.save_every > 0 and step % run.save_every == 0 and step < total_steps):
+                checkpoint(step)
+            if stopping:
+                log.print(f"stopped on request after step {step}: continue with run.resume=latest")
                 break
     bar.close()
+    if stopping:
+        log.close()
+        return run_dir
 
     # ---- the end: final evaluation (if the last step had none), checkpoint, summary -------------------------
     if last_eval_step != step:
         last_eval = run_eval(step)
-    save_checkpoint(run_dir / "checkpoints" / f"step_{step}", policy, optimizer, scheduler, step, dist, model_cfg.lora)
+    checkpoint(step)
     if dist.is_main:
-        prune_checkpoints(run_dir, max(run.keep_checkpoints, 1))
         write_json(run_dir / "eval.json", {"step": step, **last_eval, "best_step": best["step"],
                                            "best_eval_loss": best["loss"], "stopped_early": stopped_early})
         record.finish(steps=step)

@@ -75,7 +75,7 @@ def train(model_cfg: ModelConfig, sampling: SamplingConfig, cfg: GRPOConfig, run
 
     log = RunLog(run_dir, ["reward/mean", *task.curve_keys], tensorboard=run.tensorboard, plot=run.plot,
                  enabled=dist.is_main)
-    start_step = resume_run(run.resume, run_dir, policy, optimizer, scheduler, log)
+    start_step, _ = resume_run(run.resume, run_dir, policy, optimizer, scheduler, log)
 
     def run_eval(step: int) -> dict:
         metrics = {f"eval/{k}": v for k, v in evaluate(policy, task, val_items, sampling, run.eval_batch_size).items()}

@@ -43,6 +43,23 @@ def test_stepwise_arithmetic_is_exact_as_written():
     assert "User 5 - 4.2 = 0.8. Item 4.5 + 0.8 = 5.3, about 5." in rule_trace(ex, 4.2, stepwise=True)
 
 
+def test_say_cap_names_a_sum_off_the_scale_and_rates_the_sum_as_written():
+    ex = make_example(1, rating=4.0)  # item mean 4.5
+    ex["user_avg_rating"] = 5.0
+    plain = rule_trace(ex, 4.0)  # 5 + 4.5 - 4 = 5.5
+    assert "= 5.5, about 5." in plain
+    capped = rule_trace(ex, 4.0, say_cap=True)
+    assert "= 5.5, capped at 5." in capped and parse_completion(capped, template="tbr").rating == 5
+    assert "Item 4.5 + 0.8 = 5.3, about 5." in rule_trace(ex, 4.2, stepwise=True, say_cap=True)  # on the scale
+    assert "Item 4.5 + 1 = 5.5, capped at 5." in rule_trace(ex, 4.0, stepwise=True, say_cap=True)
+    ex["user_avg_rating"], ex["item_avg_rating"] = 1.0, 1.0  # 1 + 1 - 4 = -2
+    assert "= -2, capped at 1." in rule_trace(ex, 4.0, say_cap=True)
+    # the rating is read off the one-decimal sum as written: 4 + 4.46 - 4 = 4.46 shows "4.5", so 5, not 4
+    ex["user_avg_rating"], ex["item_avg_rating"] = 4.0, 4.46
+    assert "= 4.5, about 4." in rule_trace(ex, 4.0)
+    assert "= 4.5, about 5." in rule_trace(ex, 4.0, say_cap=True)
+
+
 def test_a_rule_trace_parses_and_states_the_examples_facts():
     ex = make_example(1, rating=4.0)  # liked "Rumours" (5), "Kid A" rated 3; the item's reviews 5 and 4
     trace = rule_trace(ex, global_mean=4.2)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_model
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, load_config
@@ -216,3 +217,52 @@ def test_early_stopping_when_validation_loss_cannot_improve(tmp_path, default_to
     assert summary["stopped_early"] is True and summary["best_step"] == 0 and summary["step"] == 2
     assert (run_dir / "checkpoints" / "best" / "config.json").exists()
     assert (run_dir / "checkpoints" / "step_2").is_dir()
+
+
+@pytest.mark.parametrize("lr", [1e-3, 0.0])  # 0: every evaluation ties, so the best stays step 0's across the resume
+def test_sft_stopped_by_ctrl_c_resumes_to_the_weights_of_an_uninterrupted_run(lr, tmp_path, default_tokenizer,
+                                                                               monkeypatch):
+    # SIGINT during step 3's gradients: the step finishes, step_3 is saved with the early-stopping record,
+    # and run.resume=latest ends where an uninterrupted run ends, curves and best checkpoint included.
+    import os
+    import signal
+
+    from grpo import sft as sft_module
+    from grpo.runlog import run_finished
+
+    cfg = SFTConfig(max_steps=4, batch_size=2, micro_batch_size=2, lr=lr)
+
+    def run(name, **kw):
+        run_cfg = RunConfig(output_dir=str(tmp_path / name), plot=False, eval_every=2, **kw)
+        return train_sft(_model_cfg(), cfg, run_cfg, PAIRS, PAIRS[:2])
+
+    whole = run("whole")
+    real, calls = sft_module.accumulate_sft_gradients, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", interrupted)
+    part = run("part")
+    assert not run_finished(part) and not (part / "eval.json").exists()
+    assert max(r["step"] for r in read_jsonl(part / "metrics.jsonl")) == 3 and (part / "checkpoints" / "step_3").is_dir()
+    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", real)
+    run("part", resume="latest")
+    assert run_finished(part)
+
+    def curve(folder):
+        return [(r["step"], r.get("sft/loss"), r.get("eval/loss")) for r in read_jsonl(folder / "metrics.jsonl")]
+
+    assert curve(part) == curve(whole)
+    summaries = [{k: json.loads((folder / "eval.json").read_text())[k] for k in ("best_step", "best_eval_loss")}
+                 for folder in (whole, part)]
+    assert summaries[0] == summaries[1]
+    evals = [(r["eval/loss"], r["step"]) for r in read_jsonl(whole / "metrics.jsonl") if "eval/loss" in r]
+    saved = torch.load(part / "checkpoints" / "step_3" / "trainer_state.pt", weights_only=True)["loop"]["best"]
+    assert (saved["loss"], saved["step"]) == min(e for e in evals if e[1] <= 3)  # the record crossed the resume
+    for name in ("best", "step_4"):
+        a, b = (load_file(folder / "checkpoints" / name / "model.safetensors") for folder in (whole, part))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
