@@ -77,6 +77,10 @@ class ColdStartConfig:
     """Rule teacher: write "capped at 5" rather than "about 5" when the bias rule's sum rounds above the
     scale (and "capped at 1" below it); a student taught only "about" wrote "about 6" for such sums. False,
     the first behaviour, for the runs recorded before it existed."""
+    tenths: bool = False
+    """Rule teacher: rate to a tenth of a star, the bias rule's sum as written ("4.2 + 4.9 - 4.5 = 4.6" rates
+    4.6), kept on the scale with say_cap's wording, rather than rounded to a whole star: a mean-squared
+    error rewards a 4.6 where it is unsure between 4 and 5."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -220,7 +224,7 @@ def rule_teacher(cfg: ReconeConfig):
     global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
     view = task.shown if c.from_prompt else (lambda ex: ex)
     return lambda ex: rule_trace(view(ex), global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise,
-                                 style=c.style, say_cap=c.say_cap)
+                                 style=c.style, say_cap=c.say_cap, tenths=c.tenths)
 
 
 def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:

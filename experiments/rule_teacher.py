@@ -93,15 +93,20 @@ def whole_star(x: float, scale: Sequence[float]) -> int:
     return int(min(max(math.floor(x + 0.5), scale[0]), scale[1]))
 
 
-def _about(shown: str, scale: Sequence[float]) -> tuple[str, int]:
+def _about(shown: str, scale: Sequence[float], tenths: bool = False) -> tuple[str, float]:
     """`coldstart.say_cap`: the rating read off the sum as written ("5.5" -> 5 via 6, although the exact sum
-    may be 5.46) and named "capped at 5" when the sum rounds off the scale, "about 4" when it does not. A
-    student taught "5.6, about 5" on the few traces whose sum passes the top learned "about" as "rounded"
-    and wrote "about 6", an answer off the scale (docs/results.md); a word of its own for the clip gives it
-    something to learn, and reading the written number keeps "4.5, about 4" out of the traces."""
-    rounded = math.floor(float(shown) + 0.5)
-    rating = whole_star(float(shown), scale)
-    return (f"capped at {rating}" if rounded != rating else f"about {rating}"), rating
+    may be 5.46), and what the trace says after the sum: ", about 4", or ", capped at 5" when the sum rounds
+    off the scale. A student taught "5.6, about 5" on the few traces whose sum passes the top learned
+    "about" as "rounded" and wrote "about 6", an answer off the scale (docs/results.md); a word of its own
+    for the clip gives it something to learn, and reading the written number keeps "4.5, about 4" out of
+    the traces. With `tenths` (`coldstart.tenths`) the rating is the written sum itself, kept on the scale:
+    nothing is said after a sum on the scale, ", capped at 5" after one above it."""
+    x = float(shown)
+    if tenths:
+        rating = min(max(x, scale[0]), scale[1])
+        return (f", capped at {_stars(rating)}" if rating != x else ""), rating
+    rating = whole_star(x, scale)
+    return (f", capped at {rating}" if math.floor(x + 0.5) != rating else f", about {rating}"), rating
 
 
 def rule_rating(user_avg: float | None, item_avg: float | None, global_mean: float,
@@ -120,7 +125,7 @@ def _rated(entries: Sequence[dict]) -> str:
 
 
 def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float],
-                  say_cap: bool = False) -> tuple[str, int]:
+                  say_cap: bool = False, tenths: bool = False) -> tuple[str, float]:
     """The bias rule as two one-operation steps on the one-decimal numbers shown, each exact as written:
     "User 4.2 - 4.5 = -0.3. Item 3.9 - 0.3 = 3.6, about 4." A 135M student taught the three-term sum
     "4.2 + 3.9 - 4.5 = 3.6" got it right in about one answer in five (docs/results.md); one operation at a
@@ -129,12 +134,12 @@ def _offset_steps(u: float, i: float, global_mean: float, scale: Sequence[float]
     offset = round(us - gs, 1)
     total = round(its + offset, 1)
     rating = whole_star(total, scale)
-    named = f"about {rating}"
-    if say_cap:
-        named, rating = _about(_stars(total), scale)
+    named = f", about {rating}"
+    if say_cap or tenths:
+        named, rating = _about(_stars(total), scale, tenths)
     sign = "-" if offset < 0 else "+"
     return (f"User {_stars(us)} - {_stars(gs)} = {_stars(offset)}. "
-            f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}, {named}."), rating
+            f"Item {_stars(its)} {sign} {_stars(abs(offset))} = {_stars(total)}{named}."), rating
 
 
 def _closest(history: Sequence[dict], item: dict) -> tuple[dict, int] | None:
@@ -204,14 +209,15 @@ def _titles_sections(history, reviews, item, user_avg, item_avg, quotes, liked, 
 
 
 def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
-               stepwise: bool = False, style: str = "counts", say_cap: bool = False) -> str:
+               stepwise: bool = False, style: str = "counts", say_cap: bool = False, tenths: bool = False) -> str:
     """The four-step answer for one example (tbr template tags), every statement read off the example;
     `style` chooses what the first three steps state ("counts" or "titles": see the module docstring);
     `quotes` chooses between quoting the summaries of the item's best and worst earlier reviews and not;
     `shrink` is how many ratings at the global mean the match step adds to each average (see `shrunk`);
     `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`); `say_cap`
     names a sum that rounds off the scale "capped at" its end rather than "about" it, and rates the sum as
-    written (see `_about`)."""
+    written (see `_about`); `tenths` rates it to a tenth of a star rather than a whole star (with the same
+    cap wording)."""
     if style not in STYLES:
         raise ValueError(f"unknown rule-trace style {style!r}: expected one of {STYLES}")
     history = example.get("user_history") or []
@@ -231,16 +237,16 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
     if shrink:
         match += f"With {_stars(shrink)} usual {_stars(global_mean)} added: user {_stars(u)}, item {_stars(i)}. "
     if stepwise:
-        arithmetic, rating = _offset_steps(u, i, global_mean, scale, say_cap)
+        arithmetic, rating = _offset_steps(u, i, global_mean, scale, say_cap, tenths)
     else:
         rating = rule_rating(user_avg, item_avg, global_mean, scale, len(history), len(reviews), shrink)
-        named = f"about {rating}"
-        if say_cap:
-            named, rating = _about(_stars(u + i - global_mean), scale)
-        arithmetic = f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}, {named}."
+        named = f", about {rating}"
+        if say_cap or tenths:
+            named, rating = _about(_stars(u + i - global_mean), scale, tenths)
+        arithmetic = f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}{named}."
     match += arithmetic
     return (f"<analyze user>\n{user}\n</analyze user>\n<analyze item>\n{about}\n"
-            f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {rating} </rate>")
+            f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {_stars(rating)} </rate>")
 
 
 def main(argv=None) -> int:
@@ -265,6 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--style", choices=STYLES, default="counts", help="coldstart.style")
     parser.add_argument("--no-quotes", dest="quotes", action="store_false", help="coldstart.quotes=false")
     parser.add_argument("--say-cap", action="store_true", help="coldstart.say_cap=true")
+    parser.add_argument("--tenths", action="store_true", help="coldstart.tenths=true")
     parser.add_argument("--prompt-config", metavar="YAML",
                         help="coldstart.from_prompt=true: write each trace from what its prompt shows, prompts "
                              "built with this experiment config's task settings and tokenizer")
@@ -286,10 +293,10 @@ def main(argv=None) -> int:
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
         traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
-                             style=args.style, say_cap=args.say_cap) for ex in rows]
+                             style=args.style, say_cap=args.say_cap, tenths=args.tenths) for ex in rows]
         rated = np.array([parse_completion(t, template="tbr").rating for t in traces])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
-        hist = "/".join(str(int((rated == r).sum())) for r in range(1, 6))
+        hist = "/".join(str(int((np.floor(rated + 0.5) == r).sum())) for r in range(1, 6))  # tenths: rounded
         copies = copy_rate(traces)["copy_rate"], copy_rate(traces, related=about)["copy_rate"]
         name = f"shrink {shrink:g}{' stepwise' if args.stepwise else ''}"
         print(f"{name}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"

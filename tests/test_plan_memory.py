@@ -1,7 +1,6 @@
 """The memory planner (experiments/plan_memory.py): hand-checkable counts, sharding, the 7B verdicts, the CLI,
 and one measured check of the prediction on the tiny random model."""
 import json
-from dataclasses import replace
 
 import pytest
 

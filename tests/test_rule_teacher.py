@@ -60,6 +60,16 @@ def test_say_cap_names_a_sum_off_the_scale_and_rates_the_sum_as_written():
     assert "= 4.5, about 5." in rule_trace(ex, 4.0, say_cap=True)
 
 
+def test_tenths_rate_the_written_sum_kept_on_the_scale():
+    ex = make_example(1, rating=4.0)  # user mean 4, item mean 4.5
+    trace = rule_trace(ex, 4.2, tenths=True)
+    assert "4 + 4.5 - 4.2 = 4.3.\n</match>" in trace and parse_completion(trace, template="tbr").rating == 4.3
+    assert "Item 4.5 - 0.2 = 4.3.\n</match>" in rule_trace(ex, 4.2, stepwise=True, tenths=True)
+    ex["user_avg_rating"] = 5.0
+    capped = rule_trace(ex, 4.2, tenths=True)  # 5 + 4.5 - 4.2 = 5.3
+    assert "= 5.3, capped at 5." in capped and "<rate> 5 </rate>" in capped
+
+
 def test_a_rule_trace_parses_and_states_the_examples_facts():
     ex = make_example(1, rating=4.0)  # liked "Rumours" (5), "Kid A" rated 3; the item's reviews 5 and 4
     trace = rule_trace(ex, global_mean=4.2)
