@@ -81,6 +81,10 @@ class ColdStartConfig:
     """Rule teacher: rate to a tenth of a star, the bias rule's sum as written ("4.2 + 4.9 - 4.5 = 4.6" rates
     4.6), kept on the scale with say_cap's wording, rather than rounded to a whole star: a mean-squared
     error rewards a 4.6 where it is unsure between 4 and 5."""
+    item_first: bool = False
+    """Rule teacher: write the one-sum arithmetic item mean first ("4.4 + 5 - 4.5 = 4.9"), whose whole stars
+    the sum mostly keeps; user first ("5 + 4.4 - 4.5") led a student to copy the user's 5 into the sum
+    ("= 5.9, about 6", an answer off the scale, on 11% of validation rows)."""
     bias_correction: bool = True
     """Ask again with the true rating given when no answer had the right rating."""
     max_copy_overlap: float = 0.3
@@ -224,7 +228,8 @@ def rule_teacher(cfg: ReconeConfig):
     global_mean = sum(float(ex["rating"]) for ex in train) / len(train)
     view = task.shown if c.from_prompt else (lambda ex: ex)
     return lambda ex: rule_trace(view(ex), global_mean, quotes=c.quotes, shrink=c.shrink, stepwise=c.stepwise,
-                                 style=c.style, say_cap=c.say_cap, tenths=c.tenths)
+                                 style=c.style, say_cap=c.say_cap, tenths=c.tenths,
+                                 item_first=c.item_first)
 
 
 def rule_traces(cfg: ReconeConfig, examples: list[dict], out: Path) -> dict:

@@ -209,7 +209,8 @@ def _titles_sections(history, reviews, item, user_avg, item_avg, quotes, liked, 
 
 
 def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: float = 0.0,
-               stepwise: bool = False, style: str = "counts", say_cap: bool = False, tenths: bool = False) -> str:
+               stepwise: bool = False, style: str = "counts", say_cap: bool = False, tenths: bool = False,
+               item_first: bool = False) -> str:
     """The four-step answer for one example (tbr template tags), every statement read off the example;
     `style` chooses what the first three steps state ("counts" or "titles": see the module docstring);
     `quotes` chooses between quoting the summaries of the item's best and worst earlier reviews and not;
@@ -217,7 +218,9 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
     `stepwise` writes the rating's arithmetic as two one-operation steps (see `_offset_steps`); `say_cap`
     names a sum that rounds off the scale "capped at" its end rather than "about" it, and rates the sum as
     written (see `_about`); `tenths` rates it to a tenth of a star rather than a whole star (with the same
-    cap wording)."""
+    cap wording); `item_first` writes the one-sum arithmetic as item mean + user mean - usual rating (the
+    sum is the item's mean moved by the user's offset, so it mostly shares the first term's whole stars: a
+    student that copied them from the user's mean wrote "5 + 4.4 - 4.5 = 5.9")."""
     if style not in STYLES:
         raise ValueError(f"unknown rule-trace style {style!r}: expected one of {STYLES}")
     history = example.get("user_history") or []
@@ -243,7 +246,9 @@ def rule_trace(example: dict, global_mean: float, quotes: bool = True, shrink: f
         named = f", about {rating}"
         if say_cap or tenths:
             named, rating = _about(_stars(u + i - global_mean), scale, tenths)
-        arithmetic = f"{_stars(u)} + {_stars(i)} - {_stars(global_mean)} = {_stars(u + i - global_mean)}{named}."
+        first, second = (i, u) if item_first else (u, i)
+        arithmetic = (f"{_stars(first)} + {_stars(second)} - {_stars(global_mean)} = "
+                      f"{_stars(u + i - global_mean)}{named}.")
     match += arithmetic
     return (f"<analyze user>\n{user}\n</analyze user>\n<analyze item>\n{about}\n"
             f"</analyze item>\n<match>\n{match}\n</match>\n<rate> {_stars(rating)} </rate>")
@@ -272,6 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-quotes", dest="quotes", action="store_false", help="coldstart.quotes=false")
     parser.add_argument("--say-cap", action="store_true", help="coldstart.say_cap=true")
     parser.add_argument("--tenths", action="store_true", help="coldstart.tenths=true")
+    parser.add_argument("--item-first", action="store_true", help="coldstart.item_first=true")
     parser.add_argument("--prompt-config", metavar="YAML",
                         help="coldstart.from_prompt=true: write each trace from what its prompt shows, prompts "
                              "built with this experiment config's task settings and tokenizer")
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
     for shrink in args.shrink:
         traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
-                             style=args.style, say_cap=args.say_cap, tenths=args.tenths) for ex in rows]
+                             style=args.style, say_cap=args.say_cap, tenths=args.tenths,
+                             item_first=args.item_first) for ex in rows]
         rated = np.array([parse_completion(t, template="tbr").rating for t in traces])  # (n,)
         mae, rmse = (bootstrap_ci(rated - labels, stat) for stat in ("mae", "rmse"))
         hist = "/".join(str(int((np.floor(rated + 0.5) == r).sum())) for r in range(1, 6))  # tenths: rounded

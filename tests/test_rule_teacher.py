@@ -70,6 +70,12 @@ def test_tenths_rate_the_written_sum_kept_on_the_scale():
     assert "= 5.3, capped at 5." in capped and "<rate> 5 </rate>" in capped
 
 
+def test_item_first_writes_the_item_mean_first_with_the_same_sum():
+    ex = make_example(1, rating=4.0)  # user mean 4, item mean 4.5
+    assert "4.5 + 4 - 4.2 = 4.3, about 4." in rule_trace(ex, 4.2, item_first=True)
+    assert "4 + 4.5 - 4.2 = 4.3, about 4." in rule_trace(ex, 4.2)
+
+
 def test_a_rule_trace_parses_and_states_the_examples_facts():
     ex = make_example(1, rating=4.0)  # liked "Rumours" (5), "Kid A" rated 3; the item's reviews 5 and 4
     trace = rule_trace(ex, global_mean=4.2)
