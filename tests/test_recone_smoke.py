@@ -134,3 +134,49 @@ def test_evaluate_reads_a_recone_stage_config(tmp_path):
     assert source == str(run / "config.yaml")
     assert got.task.one_shot == "inline" and got.task.max_prompt_tokens == 512
     assert got.model.name_or_path == str(run / "checkpoints" / "best")
+
+
+def test_recone_stopped_during_sft_skips_grpo_and_resumes_the_sft_stage(tmp_path, data_dir, default_tokenizer,
+                                                                         monkeypatch):
+    # Ctrl-C during SFT's second step: SFT saves step_2 and returns unfinished, RecOne returns without GRPO;
+    # run.resume=latest continues SFT from step 2 (no step logged twice), then runs GRPO.
+    import os
+    import signal
+
+    import yaml
+
+    from grpo import sft as sft_module
+    from grpo.runlog import run_finished
+    from recdata.prepare import main as prepare
+
+    data = tmp_path / "music"
+    assert prepare(["--dataset", "amazon-music", "--raw-dir", str(data_dir / "amazon-music-2014-sample"),
+                    "--out", str(data), "--max-train", "24", "--max-val", "4", "--max-test", "4", "--quiet"]) == 0
+    values = yaml.safe_load(open("experiments/configs/smoke.yaml"))
+    values.update({"coldstart": {"teacher": "rules", "n_examples": 20, "tolerance": 4.0, "style": "titles"},
+                   "sft": {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3}})
+    path = tmp_path / "recone_rules.yaml"
+    path.write_text(yaml.safe_dump(values))
+    cfg = load_config(ReconeConfig, path, [f"task.data_dir={data}", f"run.output_dir={tmp_path / 'run'}",
+                                           "grpo.steps=1", "run.eval_examples=0", "sampling.max_new_tokens=200"])
+    real, calls = sft_module.accumulate_sft_gradients, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", interrupted)
+    root = run_recone(cfg)
+    sft_dir = root / "sft"
+    assert not run_finished(sft_dir) and (sft_dir / "checkpoints" / "step_2").is_dir()
+    assert not (root / "grpo").exists()
+
+    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", real)
+    cfg.run.resume = "latest"
+    run_recone(cfg)
+    steps = [row["step"] for row in read_jsonl(sft_dir / "metrics.jsonl") if "sft/loss" in row]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 2 and run_finished(sft_dir)
+    assert len(json.loads((sft_dir / "run.json").read_text())["sessions"]) == 2  # continued, not started over
+    assert (root / "grpo" / "checkpoints" / "step_1").exists()
