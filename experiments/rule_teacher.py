@@ -24,7 +24,10 @@ star and kept on the scale: the user+item bias baseline computed from the two av
 (so the student can learn to read them, and GRPO can then learn to do better than the rule). With
 `shrink` = k each average first gets k ratings at the split's mean added, so that a user with two ratings
 moves the guess less than one with forty (`coldstart.shrink`; docs/results.md has the rule's own scores
-for each k).
+for each k). How the sum is written is a setting too, because the student copies its form: one
+sum or two steps (`stepwise`), the item's mean first (`item_first`: a student copied the first term's whole
+stars into the sum), "capped at 5" for a sum above the scale (`say_cap`), and a whole star or a tenth
+(`tenths`).
 
 Why terse: the evaluation calls an answer copied when over 30% of its word 6-grams appear in one other answer
 (experiments/copying.py), and a model that learns its teacher's fixed phrases inherits them. Prose with a
