@@ -78,3 +78,20 @@ def decode_weights_gaps(policy, settings: tuple[str, ...], device: str = "cpu", 
         m = rollout.completion_mask.bool()
         gaps[setting] = (logp[m] - rollout.logp[m]).abs().max().item()
     return gaps
+
+
+def ctrl_c_at_call(monkeypatch, module, name: str, n: int):
+    """Replace `module.name` by a wrapper that sends this process SIGINT on its n-th call (as Ctrl-C in the
+    middle of a training step would), then calls the original; returns the original, to put back."""
+    import signal
+
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return real

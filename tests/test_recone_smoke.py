@@ -1,6 +1,7 @@
 """The whole RecOne pipeline (self-teacher traces -> SFT -> GRPO) on a tiny random model, in seconds."""
 import json
 
+from conftest import ctrl_c_at_call
 from experiments.coldstart import ReconeConfig, copy_overlap
 from experiments.recone import run_recone
 from grpo.config import load_config
@@ -140,9 +141,6 @@ def test_recone_stopped_during_sft_skips_grpo_and_resumes_the_sft_stage(tmp_path
                                                                          monkeypatch):
     # Ctrl-C during SFT's second step: SFT saves step_2 and returns unfinished, RecOne returns without GRPO;
     # run.resume=latest continues SFT from step 2 (no step logged twice), then runs GRPO.
-    import os
-    import signal
-
     import yaml
 
     from grpo import sft as sft_module
@@ -159,15 +157,7 @@ def test_recone_stopped_during_sft_skips_grpo_and_resumes_the_sft_stage(tmp_path
     path.write_text(yaml.safe_dump(values))
     cfg = load_config(ReconeConfig, path, [f"task.data_dir={data}", f"run.output_dir={tmp_path / 'run'}",
                                            "grpo.steps=1", "run.eval_examples=0", "sampling.max_new_tokens=200"])
-    real, calls = sft_module.accumulate_sft_gradients, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", interrupted)
+    real = ctrl_c_at_call(monkeypatch, sft_module, "accumulate_sft_gradients", 2)
     root = run_recone(cfg)
     sft_dir = root / "sft"
     assert not run_finished(sft_dir) and (sft_dir / "checkpoints" / "step_2").is_dir()

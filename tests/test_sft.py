@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model
+from conftest import ctrl_c_at_call, tiny_model
 from grpo.config import ModelConfig, RunConfig, SamplingConfig, load_config
 from grpo.logprobs import completion_logprobs
 from grpo.runlog import read_jsonl
@@ -224,9 +224,6 @@ def test_sft_stopped_by_ctrl_c_resumes_to_the_weights_of_an_uninterrupted_run(lr
                                                                                monkeypatch):
     # SIGINT during step 3's gradients: the step finishes, step_3 is saved with the early-stopping record,
     # and run.resume=latest ends where an uninterrupted run ends, curves and best checkpoint included.
-    import os
-    import signal
-
     from grpo import sft as sft_module
     from grpo.runlog import run_finished
 
@@ -237,15 +234,7 @@ def test_sft_stopped_by_ctrl_c_resumes_to_the_weights_of_an_uninterrupted_run(lr
         return train_sft(_model_cfg(), cfg, run_cfg, PAIRS, PAIRS[:2])
 
     whole = run("whole")
-    real, calls = sft_module.accumulate_sft_gradients, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sft_module, "accumulate_sft_gradients", interrupted)
+    real = ctrl_c_at_call(monkeypatch, sft_module, "accumulate_sft_gradients", 3)
     part = run("part")
     assert not run_finished(part) and not (part / "eval.json").exists()
     assert max(r["step"] for r in read_jsonl(part / "metrics.jsonl")) == 3 and (part / "checkpoints" / "step_3").is_dir()
