@@ -44,9 +44,11 @@ CLOSEST = re.compile(r'^"(.+?)" \(\d(?:\.\d)?\) is closest', re.MULTILINE)  # st
 FACTS = (("user_count", USER_COUNT), ("user_mean", USER_MEAN), ("item_count", ITEM_COUNT),
          ("item_mean", ITEM_MEAN), ("item_best_quote", ITEM_QUOTE), ("closest_entry", CLOSEST))
 
-SUM = re.compile(rf"({NUMBER}) \+ ({NUMBER}) - ({NUMBER}) = ({NUMBER}), about (\d)")
-STEPS = re.compile(rf"User ({NUMBER}) - ({NUMBER}) = ({NUMBER})\. Item ({NUMBER}) ([+-]) ({NUMBER}) = ({NUMBER}), "
-                   rf"about (\d)")
+# what follows the sum: ", about 4", ", capped at 5" (coldstart.say_cap) or nothing (coldstart.tenths: the sum is
+# the rating)
+RATED = rf"(?:, (?:about|capped at) ({NUMBER})|\.)"
+SUM = re.compile(rf"({NUMBER}) \+ ({NUMBER}) - ({NUMBER}) = ({NUMBER}){RATED}")
+STEPS = re.compile(rf"User ({NUMBER}) - ({NUMBER}) = ({NUMBER})\. Item ({NUMBER}) ([+-]) ({NUMBER}) = ({NUMBER}){RATED}")
 QUOTED = re.compile(r'"([^"\n]{2,})"')
 
 
@@ -71,18 +73,18 @@ def _same(a: str, b: str) -> bool:
         return a == b
 
 
-def arithmetic(text: str) -> tuple[bool, float, int] | None:
-    """(every operation exact to one decimal, the total written, the rating written after "about"), or None
-    when the answer has neither form of the rule's arithmetic."""
+def arithmetic(text: str) -> tuple[bool, float, float] | None:
+    """(every operation exact to one decimal, the total written, the rating written after "about" or "capped
+    at", else the total itself), or None when the answer has neither form of the rule's arithmetic."""
     if m := STEPS.search(text):
         u, g, offset, i, step, total = (float(m[k]) for k in (1, 2, 3, 4, 6, 7))
         sign = m[5]
         exact = round(u - g, 1) == offset and abs(step) == abs(offset) and (sign == "-") == (offset < 0) \
             and round(i + offset, 1) == total
-        return exact, total, int(m[8])
+        return exact, total, float(m[8]) if m[8] else total
     if m := SUM.search(text):
         u, i, g, total = (float(m[k]) for k in range(1, 5))
-        return round(u + i - g, 1) == total, total, int(m[5])
+        return round(u + i - g, 1) == total, total, float(m[5]) if m[5] else total
     return None
 
 

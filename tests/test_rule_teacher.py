@@ -210,6 +210,8 @@ def test_rule_fidelity_counts_where_an_answer_departs_from_its_trace():
     assert arithmetic("... 4 + 4.5 - 4.2 = 5.3, about 5.") == (False, 5.3, 5)
     assert arithmetic("User 4 - 4.2 = -0.2. Item 4.5 - 0.2 = 4.3, about 4.") == (True, 4.3, 4)
     assert arithmetic("User 4 - 4.2 = 0.2. Item 4.5 + 0.2 = 4.7, about 5.")[0] is False  # wrong sign
+    assert arithmetic("... 4.5 + 5 - 4.2 = 5.3, capped at 5.") == (True, 5.3, 5)  # coldstart.say_cap
+    assert arithmetic("... 4.5 + 4 - 4.2 = 4.3.\n</match>") == (True, 4.3, 4.3)  # coldstart.tenths
     assert arithmetic("no arithmetic here") is None
 
     ex = make_example(1, rating=4.0)
