@@ -163,7 +163,8 @@ def _interval(m: dict, stat: str) -> str:
     return f"{value:7.4f} [{lo:6.4f}, {hi:6.4f}]"
 
 
-def _diff(d: dict, stat: str) -> str:
+def diff_text(d: dict, stat: str) -> str:
+    """'MAE -0.0136 [-0.0763, +0.0490] not distinguishable' from paired_metrics' record."""
     return (f"{stat.upper()} {d[f'{stat}_diff']:+.4f} [{d[f'{stat}_diff_lo']:+.4f}, {d[f'{stat}_diff_hi']:+.4f}] "
             f"{d[f'{stat}_verdict']}")
 
@@ -183,7 +184,7 @@ def format_table(model_rows: dict[str, dict], baselines: dict[str, dict]) -> str
                      f"{m.get('copy_rate_unrelated', float('nan')):6.3f} {corr:>6} "
                      f"{m['len_mean']:6.1f}  {hist}")
         for base, d in (m.get("vs_baselines") or {}).items():
-            lines.append(f"    - {base}: {_diff(d, 'mae')}; {_diff(d, 'rmse')}")
+            lines.append(f"    - {base}: {diff_text(d, 'mae')}; {diff_text(d, 'rmse')}")
     return "\n".join(lines)
 
 

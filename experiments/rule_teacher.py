@@ -266,7 +266,7 @@ def main(argv=None) -> int:
 
     from experiments.baselines import load_splits
     from experiments.copying import copy_rate, subjects
-    from experiments.stats import bootstrap_ci
+    from experiments.stats import bootstrap_ci, error_statistic
     from prompts import parse_completion
 
     parser = argparse.ArgumentParser(description="Score the rule teacher's ratings on a prepared split: "
@@ -284,6 +284,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-config", metavar="YAML",
                         help="coldstart.from_prompt=true: write each trace from what its prompt shows, prompts "
                              "built with this experiment config's task settings and tokenizer")
+    parser.add_argument("--paired", action="store_true",
+                        help="also the paired bootstrap of the rule against the best baseline of each metric on "
+                             "these rows, as experiments.evaluate reports a model: could a student that copied "
+                             "its teacher perfectly be told apart from the baselines?")
     args = parser.parse_args(argv)
     view = lambda ex: ex  # noqa: E731
     if args.prompt_config:
@@ -300,6 +304,14 @@ def main(argv=None) -> int:
     labels = np.array([float(ex["rating"]) for ex in rows])  # (n,)
     about = [subjects(ex) for ex in rows]
     print(f"{args.data} {args.split}: {len(rows)} rows, training mean {global_mean:.4f}")
+    best = {}  # metric -> (baseline name, its signed errors on these rows)
+    if args.paired:
+        from experiments.evaluate import baseline_errors, diff_text, paired_metrics
+
+        base = baseline_errors(args.data, rows)
+        for stat in ("mae", "rmse"):
+            name = min(base, key=lambda n: error_statistic(base[n], stat))
+            best[stat] = name, base[name]
     for shrink in args.shrink:
         traces = [rule_trace(view(ex), global_mean, quotes=args.quotes, shrink=shrink, stepwise=args.stepwise,
                              style=args.style, say_cap=args.say_cap, tenths=args.tenths,
@@ -312,6 +324,9 @@ def main(argv=None) -> int:
         print(f"{name}: MAE {mae[0]:.4f} [{mae[1]:.4f}, {mae[2]:.4f}]"
               f"  RMSE {rmse[0]:.4f} [{rmse[1]:.4f}, {rmse[2]:.4f}]  rated 1/2/3/4/5: {hist}"
               f"  copy {copies[0]:.3f} copy_u {copies[1]:.3f}")
+        for stat, (base_name, base_errors) in best.items():
+            print(f"  vs {base_name} (best {stat.upper()} baseline): "
+                  f"{diff_text(paired_metrics(rated - labels, base_errors), stat)}")
     return 0
 
 

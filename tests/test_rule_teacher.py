@@ -1,6 +1,7 @@
 """The rule-based cold-start teacher: traces that parse, state the example's own facts, and rate by the bias rule."""
 import json
 
+import numpy as np
 import pytest
 
 from experiments.rule_teacher import rule_rating, rule_trace, shrunk
@@ -257,6 +258,14 @@ def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
     assert "copy 1.000 copy_u 1.000" in out
     assert main(["--data", str(tmp_path), "--style", "titles"]) == 0
     assert "shrink 0: MAE 1.6667" in capsys.readouterr().out  # the style changes the words, not the rating
+    assert main(["--data", str(tmp_path), "--split", "test", "--paired"]) == 0
+    paired = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  vs ")]
+    from experiments.evaluate import baseline_errors
+
+    base = {name: np.abs(err).mean() for name, err in baseline_errors(str(tmp_path), rows).items()}
+    best = min(base, key=base.get)  # the rule's MAE is 5/3 (errors 0, 1, 4)
+    assert paired[0].startswith(f"  vs {best} (best MAE baseline): MAE {5 / 3 - base[best]:+.4f} [")
+    assert "(best RMSE baseline): RMSE " in paired[1] and len(paired) == 2
 
 
 def test_the_rule_cli_writes_from_the_prompt(tmp_path, capsys, default_tokenizer, monkeypatch):
