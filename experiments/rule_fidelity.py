@@ -11,7 +11,7 @@ checkpoint, or --config), and reports over the answers that parsed the share tha
   summary of the item's best review and the user's entry closest to the item, as the trace does ("not
   stated" for a fact the run's traces never state);
 - write a rating arithmetic that is exact as written (every shown operation computed to one decimal);
-- rate what their own arithmetic rounds to;
+- rate what their own arithmetic gives (its whole star; the total itself with coldstart.tenths);
 and the share of the strings the answers quote ("...") that begin a title or review summary their prompt shows
 (the token budget drops the oldest entries: a title the prompt no longer shows counts as made up).
 Where the model departs from its teacher tells what to change in the traces: a student that copies the
@@ -89,11 +89,12 @@ def arithmetic(text: str) -> tuple[bool, float, float] | None:
 
 
 def fidelity(rows: list[dict], traces: dict[str, str], template: str,
-             strings: dict[str, set[str]] | None = None) -> dict:
+             strings: dict[str, set[str]] | None = None, tenths: bool = False) -> dict:
     """Shares over the parsed answers in `rows` (evaluate's per-row records) of each way to follow `traces`
     (example id -> the rule trace for that row); a fact the traces never state (the counts, in style
     "titles") is None. With `strings` (example id -> `example_strings`), also the share of all quoted
-    strings in the answers that the prompt shows (`quotes_grounded`; None when no answer quotes anything)."""
+    strings in the answers that the prompt shows (`quotes_grounded`; None when no answer quotes anything).
+    `tenths` (coldstart.tenths): the arithmetic's total, kept on the scale, is the rating; else its whole star."""
     counts = dict.fromkeys(["rule_rating", *(name for name, _ in FACTS),
                             "arithmetic_written", "arithmetic_exact", "rates_own_arithmetic"], 0)
     stated = dict.fromkeys([name for name, _ in FACTS], False)
@@ -114,7 +115,8 @@ def fidelity(rows: list[dict], traces: dict[str, str], template: str,
             exact, total, about = written
             counts["arithmetic_written"] += 1
             counts["arithmetic_exact"] += exact
-            counts["rates_own_arithmetic"] += about == r["rating"] == whole_star(total, (1, 5))
+            gives = min(max(total, 1.0), 5.0) if tenths else whole_star(total, (1, 5))
+            counts["rates_own_arithmetic"] += about == r["rating"] == gives
     n = len(parsed)
     out = {"n_rows": len(rows), "n_parsed": n,
            **{k: None if not stated.get(k, True) else v / n if n else 0.0 for k, v in counts.items()}}
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         examples = task.examples(report["split"])
         traces = {example_id(ex): teacher(ex) for ex in examples}
         strings = {example_id(ex): example_strings(task.shown(ex)) for ex in examples}
-        results[model] = fidelity(rows, traces, cfg.task.template, strings)
+        results[model] = fidelity(rows, traces, cfg.task.template, strings, cfg.coldstart.tenths)
         print(f"{model} ({report['data']}, {report['split']}):")
         shown = {k: "not stated" if v is None else f"{v:.3f}" if isinstance(v, float) else v
                  for k, v in results[model].items()}

@@ -229,6 +229,12 @@ def test_rule_fidelity_counts_where_an_answer_departs_from_its_trace():
     assert f["item_count"] == 0.5 and f["item_mean"] == 1.0
     assert f["arithmetic_written"] == 1.0 and f["arithmetic_exact"] == 0.5
     assert f["rates_own_arithmetic"] == 1.0  # the wrong answer still rates what it computed (5.3 -> 5)
+    # coldstart.tenths: the sum is the rating; a whole star after it is not what the arithmetic gives
+    tenths = rule_trace(ex, 4.2, quotes=False, tenths=True)
+    assert "4 + 4.5 - 4.2 = 4.3.\n" in tenths and tenths.endswith("<rate> 4.3 </rate>")
+    rows = [{"id": "ex1", "format_ok": True, "rating": 4.3, "completion": tenths},
+            {"id": "ex1", "format_ok": True, "rating": 4.0, "completion": tenths.replace("4.3 </rate>", "4 </rate>")}]
+    assert fidelity(rows, {"ex1": tenths}, template="tbr", tenths=True)["rates_own_arithmetic"] == 0.5
 
 
 def test_a_half_star_rounds_up_as_a_reader_rounds():
