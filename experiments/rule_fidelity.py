@@ -28,7 +28,7 @@ from pathlib import Path
 from experiments.coldstart import ReconeConfig, rule_teacher
 from experiments.config import load_config
 from experiments.evaluate import find_run_config
-from experiments.rule_teacher import whole_star
+from experiments.rule_teacher import sum_rating
 from experiments.task import RecTask
 from experiments.teacher import example_id
 from grpo.models import load_tokenizer
@@ -115,8 +115,7 @@ def fidelity(rows: list[dict], traces: dict[str, str], template: str,
             exact, total, about = written
             counts["arithmetic_written"] += 1
             counts["arithmetic_exact"] += exact
-            gives = min(max(total, 1.0), 5.0) if tenths else whole_star(total, (1, 5))
-            counts["rates_own_arithmetic"] += about == r["rating"] == gives
+            counts["rates_own_arithmetic"] += about == r["rating"] == sum_rating(total, (1, 5), tenths)
     n = len(parsed)
     out = {"n_rows": len(rows), "n_parsed": n,
            **{k: None if not stated.get(k, True) else v / n if n else 0.0 for k, v in counts.items()}}

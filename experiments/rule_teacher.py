@@ -96,6 +96,12 @@ def whole_star(x: float, scale: Sequence[float]) -> int:
     return int(min(max(math.floor(x + 0.5), scale[0]), scale[1]))
 
 
+def sum_rating(x: float, scale: Sequence[float], tenths: bool = False) -> float:
+    """The rating the bias rule's sum gives: its whole star (`whole_star`), or with `tenths` the sum itself;
+    kept on the scale either way."""
+    return min(max(x, scale[0]), scale[1]) if tenths else whole_star(x, scale)
+
+
 def _about(shown: str, scale: Sequence[float], tenths: bool = False) -> tuple[str, float]:
     """`coldstart.say_cap`: the rating read off the sum as written ("5.5" -> 5 via 6, although the exact sum
     may be 5.46), and what the trace says after the sum: ", about 4", or ", capped at 5" when the sum rounds
@@ -105,10 +111,9 @@ def _about(shown: str, scale: Sequence[float], tenths: bool = False) -> tuple[st
     the traces. With `tenths` (`coldstart.tenths`) the rating is the written sum itself, kept on the scale:
     nothing is said after a sum on the scale, ", capped at 5" after one above it."""
     x = float(shown)
+    rating = sum_rating(x, scale, tenths)
     if tenths:
-        rating = min(max(x, scale[0]), scale[1])
         return (f", capped at {_stars(rating)}" if rating != x else ""), rating
-    rating = whole_star(x, scale)
     return (f", capped at {rating}" if math.floor(x + 0.5) != rating else f", about {rating}"), rating
 
 

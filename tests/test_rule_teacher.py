@@ -247,6 +247,7 @@ def test_a_half_star_rounds_up_as_a_reader_rounds():
 
 
 def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
+    from experiments.evaluate import baseline_errors
     from experiments.rule_teacher import main
 
     rows = [make_example(k, rating=r) for k, r in enumerate([5.0, 4.0, 1.0], start=1)]
@@ -266,8 +267,6 @@ def test_the_rule_is_scored_on_a_split(tmp_path, capsys):
     assert "shrink 0: MAE 1.6667" in capsys.readouterr().out  # the style changes the words, not the rating
     assert main(["--data", str(tmp_path), "--split", "test", "--paired"]) == 0
     paired = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  vs ")]
-    from experiments.evaluate import baseline_errors
-
     base = {name: np.abs(err).mean() for name, err in baseline_errors(str(tmp_path), rows).items()}
     best = min(base, key=base.get)  # the rule's MAE is 5/3 (errors 0, 1, 4)
     assert paired[0].startswith(f"  vs {best} (best MAE baseline): MAE {5 / 3 - base[best]:+.4f} [")
